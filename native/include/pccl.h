@@ -1,0 +1,204 @@
+/*
+ * pccl.h - the one public header of the pccl native core.
+ *
+ * pccl moves tensors between training processes over plain TCP.  The core
+ * knows bytes, sockets and rings; membership and votes live in the Python
+ * control plane, which drives this API.
+ *
+ * Conventions (see docs/c-api.md):
+ *  - every function returns a pccl_result: PCCL_OK (0) or a stable positive
+ *    code; operating-system errors are PCCL_ESYSERR | errno.
+ *  - out-parameters come last and are written only on success.
+ *  - handles are opaque; "close" stops a handle and wakes every blocked
+ *    caller with PCCL_ECLOSED, "free" releases its memory.
+ *
+ * This header is parsed by cffi at build time: keep it free of
+ * function-like macros, and give every constant as an enum.
+ */
+#ifndef PCCL_H
+#define PCCL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* pccl_result: 0 on success, otherwise one of enum pccl_error. */
+typedef int pccl_result;
+
+/* Result codes.  Stable: never renumber, only add. */
+enum pccl_error {
+    PCCL_OK = 0,
+    PCCL_EINVAL = 1,        /* bad argument (dtype, size, address, ...) */
+    PCCL_ENOMEM = 2,        /* out of memory */
+    PCCL_ETIMEDOUT = 3,     /* a deadline or the progress timeout passed */
+    PCCL_EABORTED = 4,      /* pccl_comm_abort() was called */
+    PCCL_ECLOSED = 5,       /* the handle was closed */
+    PCCL_EPEERLOST = 6,     /* a ring neighbour closed or reset a link */
+    PCCL_EPROTO = 7,        /* malformed, out-of-range or stale frame */
+    PCCL_EAUTH = 8,         /* handshake authentication failed */
+    PCCL_ESTATE = 9,        /* call not valid now (e.g. no ring set) */
+    PCCL_EBUSY = 10,        /* tag already in flight */
+    PCCL_ENOTSUP = 11,      /* combination not supported */
+    PCCL_EADDR = 12,        /* address cannot be parsed or bound */
+    PCCL_ECONNREFUSED = 13, /* nobody listens at the neighbour address */
+    PCCL_ERINGBROKEN = 14,  /* an earlier failure broke this ring */
+    PCCL_ESYSERR = 0x10000000 /* OR-ed with errno */
+};
+
+/* Element types.  Values are part of the wire format: never renumber. */
+typedef enum pccl_dtype {
+    PCCL_FLOAT32 = 0,
+    PCCL_FLOAT64 = 1,
+    PCCL_FLOAT16 = 2,
+    PCCL_BFLOAT16 = 3,
+    PCCL_INT8 = 4,
+    PCCL_INT16 = 5,
+    PCCL_INT32 = 6,
+    PCCL_INT64 = 7,
+    PCCL_UINT8 = 8,
+    PCCL_DTYPE_COUNT = 9
+} pccl_dtype;
+
+/* Reduction operators.  AVG sums, then the owner of each chunk divides
+ * once by the world size (integers: truncating division). */
+typedef enum pccl_op {
+    PCCL_SUM = 0,
+    PCCL_AVG = 1,
+    PCCL_MIN = 2,
+    PCCL_MAX = 3,
+    PCCL_PROD = 4,
+    PCCL_OP_COUNT = 5
+} pccl_op;
+
+/* Wire quantization.  UINT8_MINMAX: per slice, q = round((x-min)/scale),
+ * floating dtypes only. */
+typedef enum pccl_quant {
+    PCCL_QUANT_NONE = 0,
+    PCCL_QUANT_UINT8_MINMAX = 1,
+    PCCL_QUANT_COUNT = 2
+} pccl_quant;
+
+/* Limits and defaults. */
+enum pccl_limits {
+    PCCL_MAX_CONNECTIONS = 64,           /* K, connections per neighbour */
+    PCCL_DEFAULT_CONNECTIONS = 4,
+    PCCL_DEFAULT_SLICE_BYTES = 262144,   /* largest slice on the wire */
+    PCCL_MIN_SLICE_BYTES = 4096,
+    PCCL_MAX_SLICE_BYTES = 16777216,
+    PCCL_DEFAULT_PROGRESS_TIMEOUT_MS = 60000,
+    PCCL_DEFAULT_HANDSHAKE_TIMEOUT_MS = 5000,
+    PCCL_MAX_SECRET_BYTES = 1024,
+    PCCL_ADDRSTRLEN = 64                 /* buffer for "host:port" */
+};
+
+/* Opaque handles. */
+typedef struct pccl_comm pccl_comm;
+typedef struct pccl_op_handle pccl_op_handle;
+
+/* Settings of a communicator; fill with pccl_comm_config_init first. */
+typedef struct pccl_comm_config {
+    const char *listen_addr;      /* "host:port"; port 0 picks one. NULL: "0.0.0.0:0" */
+    uint32_t p2p_connections;     /* K, 1..PCCL_MAX_CONNECTIONS */
+    uint32_t slice_bytes;         /* largest slice, PCCL_MIN_..PCCL_MAX_SLICE_BYTES */
+    int32_t progress_timeout_ms;  /* ring idle with an op in flight this long: ETIMEDOUT; <0: never */
+    int32_t handshake_timeout_ms; /* per connection handshake */
+    const uint8_t *secret;        /* shared secret for HMAC-SHA256 auth; NULL: none */
+    size_t secret_len;            /* 0..PCCL_MAX_SECRET_BYTES, copied at create */
+} pccl_comm_config;
+
+/* Where this peer sits in a ring; see pccl_comm_set_ring. */
+typedef struct pccl_ring_config {
+    uint64_t epoch;               /* ring generation; frames of other epochs are refused */
+    uint32_t rank;                /* this peer's position, 0..world-1 */
+    uint32_t world;               /* peers in the ring, >= 1 */
+    const char *next_addr;        /* "host:port" of rank (rank+1)%world; unused if world == 1 */
+    const char *const *bind_addrs;/* connection k binds to bind_addrs[k % n_bind_addrs]; may be NULL */
+    uint32_t n_bind_addrs;
+    int32_t timeout_ms;           /* for connecting and for the previous rank to connect; <0: forever */
+} pccl_ring_config;
+
+/* What one all-reduce moved. */
+typedef struct pccl_reduce_info {
+    uint32_t world;
+    uint64_t tx_bytes;            /* payload + headers sent */
+    uint64_t rx_bytes;            /* payload + headers received */
+} pccl_reduce_info;
+
+/* pccl_strerror returns a static, never-NULL description of a result. */
+const char *pccl_strerror(pccl_result rv);
+
+/* pccl_version returns the library version string (static, never NULL). */
+const char *pccl_version(void);
+
+/* pccl_dtype_size writes the size in bytes of one element of dtype. Pure. */
+pccl_result pccl_dtype_size(pccl_dtype dtype, size_t *size);
+
+/* pccl_comm_config_init fills cfg with defaults. Pure, any thread. */
+pccl_result pccl_comm_config_init(pccl_comm_config *cfg);
+
+/* pccl_comm_create binds the listener and starts the I/O thread.  The caller
+ * owns *out and must pccl_comm_free it.  cfg is copied.  Does not block. */
+pccl_result pccl_comm_create(const pccl_comm_config *cfg, pccl_comm **out);
+
+/* pccl_comm_listen_address writes the bound "host:port" (NUL-terminated)
+ * into buf of len bytes (PCCL_ADDRSTRLEN suffices).  Any thread. */
+pccl_result pccl_comm_listen_address(pccl_comm *comm, char *buf, size_t len);
+
+/* pccl_comm_set_ring replaces the ring: it drops the previous one (failing
+ * its operations with PCCL_ERINGBROKEN), opens K connections to next_addr
+ * and waits for K from the previous rank of the same epoch.  Blocks until
+ * both are ready, ring->timeout_ms passes, or pccl_comm_abort/close.  One
+ * caller at a time; operations must not be started meanwhile. */
+pccl_result pccl_comm_set_ring(pccl_comm *comm, const pccl_ring_config *ring);
+
+/* pccl_comm_all_reduce_start starts an all-reduce of count elements from
+ * src into dst (dst == src: in place) and writes a handle the caller owns
+ * (pccl_op_free).  src and dst must stay valid until the op is waited
+ * for.  The op is striped over all K connections.  On failure dst may hold
+ * anything unless dst == src, and src is never modified before success.
+ * tag tells concurrent ops apart: the n-th op with a tag on one peer meets
+ * the n-th op with that tag on the others.  Does not block.  Thread-safe. */
+pccl_result pccl_comm_all_reduce_start(pccl_comm *comm, const void *src, void *dst,
+                                       size_t count, pccl_dtype dtype, pccl_op op,
+                                       pccl_quant quant, uint64_t tag,
+                                       pccl_op_handle **out);
+
+/* pccl_op_wait blocks until the op ends or timeout_ms passes (<0: no limit;
+ * the op itself still ends through failure detection, abort or close).  On
+ * timeout it returns PCCL_ETIMEDOUT and the op continues; wait again or
+ * abort.  Writes *info (may be NULL) on success.  Returns the op's result.
+ * Any thread, one waiter at a time. */
+pccl_result pccl_op_wait(pccl_op_handle *h, int32_t timeout_ms, pccl_reduce_info *info);
+
+/* pccl_op_free releases a handle; if the op is still running it is aborted
+ * and waited for first.  Not concurrently with pccl_op_wait on h. */
+pccl_result pccl_op_free(pccl_op_handle *h);
+
+/* pccl_comm_all_reduce is start + wait + free.  Blocks up to timeout_ms
+ * (<0: no limit); on that timeout the ring is broken (PCCL_ETIMEDOUT). */
+pccl_result pccl_comm_all_reduce(pccl_comm *comm, const void *src, void *dst,
+                                 size_t count, pccl_dtype dtype, pccl_op op,
+                                 pccl_quant quant, uint64_t tag, int32_t timeout_ms,
+                                 pccl_reduce_info *info);
+
+/* pccl_comm_abort fails every op in flight and any pccl_comm_set_ring in
+ * progress with PCCL_EABORTED and breaks the ring (set_ring again to go
+ * on).  Never blocks; any thread, also while other calls block. */
+pccl_result pccl_comm_abort(pccl_comm *comm);
+
+/* pccl_comm_close stops the I/O thread and closes every socket; blocked
+ * callers return PCCL_ECLOSED.  Idempotent; any thread. */
+pccl_result pccl_comm_close(pccl_comm *comm);
+
+/* pccl_comm_free closes comm if needed and frees it.  No call on comm may
+ * be running or follow. */
+pccl_result pccl_comm_free(pccl_comm *comm);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* PCCL_H */
