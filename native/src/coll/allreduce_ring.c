@@ -1,0 +1,419 @@
+/*
+ * allreduce_ring.c - ring all-reduce, pipelined per slice, striped over K
+ * connections.
+ *
+ * The algorithm, step by step (world n, this peer has rank r, it sends to
+ * rank r+1 and receives from rank r-1, all ranks modulo n):
+ *
+ *  1. The tensor of `count` elements is cut into n chunks; the first
+ *     count % n chunks get one element more than the others.  Each chunk
+ *     is cut into slices of slice_elems elements, a number every peer
+ *     computes alike:
+ *         slice_elems = clamp(ceil(ceil(count / n) / K),
+ *                             PCCL_MIN_SLICE_BYTES / esize,
+ *                             slice_bytes / esize)
+ *     so that one chunk spreads over all K connections unless it is huge.
+ *
+ *  2. There are 2n-2 global steps t = 0 .. 2n-3.  At step t rank r sends
+ *     chunk (r - t) and receives chunk (r - t - 1).  Steps t < n-1 are the
+ *     reduce-scatter, steps t >= n-1 the all-gather.
+ *
+ *  3. Reduce-scatter.  A slice received at step t < n-1 is combined with
+ *     the local input: work = received op src.  (Each chunk other than r
+ *     is received exactly once in this phase, so src is read, never
+ *     written, and the operand order is the same on every peer.)  At step
+ *     n-2 the chunk received is r+1, now reduced over all n inputs: this
+ *     peer owns it and finalizes it (AVG divides by n once).
+ *
+ *  4. All-gather.  The owner forwards its finished chunk; every later hop
+ *     stores the slice verbatim (reading it straight into the work buffer)
+ *     and forwards it.  Because exactly one peer finalizes each chunk and
+ *     everybody else copies those bits, all peers end bit-identical.
+ *
+ *  5. Pipelining.  The chunk received at step t is the chunk sent at step
+ *     t+1, so slice j of step t+1 becomes ready the moment slice j of step
+ *     t has been received and processed: slices flow around the ring
+ *     without waiting for whole chunks.  Step-0 slices come straight from
+ *     src (no copy).
+ *
+ *  6. Striping.  Slice j of step t travels on connection (j + t) % K; the
+ *     receiver places slices by their offset, so arrival order across
+ *     connections does not matter, and one operation uses all K.
+ *
+ *  7. Quantization (UINT8_MINMAX, floating dtypes).  A reduce-scatter
+ *     slice is quantized just before it is sent (min and scale travel in
+ *     the frame header), and the receiver computes work = dequant(q) op
+ *     src.  The owner, after finalizing, quantizes its chunk and replaces
+ *     its own copy with dequant(quant(x)), exactly what the others will
+ *     decode.  All-gather slices are forwarded as the same bytes with the
+ *     same min/scale (never re-quantized) and decoded into work.
+ *
+ *  8. Buffers.  Out of place, the work buffer is dst itself.  In place, it
+ *     is a private copy that replaces src only after success, so a failed
+ *     operation leaves the input untouched.  Reduce-scatter payloads land
+ *     in a per-connection slice scratch buffer and are reduced at once.
+ *
+ * Every received header is checked against this schedule: right dtype, op
+ * and quantization, a step in range, an offset and count that are exactly
+ * one slice of the chunk expected at that step, and a slice not received
+ * before.  Anything else is PCCL_EPROTO and never touches memory.
+ *
+ * Why no slice is overwritten while still needed: a buffer region written
+ * at an all-gather receive was last read by a reduce-scatter send of the
+ * same slice, and the all-gather data causally follows the owner having
+ * received that send in full, i.e. after our write of it completed.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "coll/allreduce_ring.h"
+#include "coll/kernels.h"
+#include "coll/quant.h"
+
+/* (a - b) mod n for a, b < 2^32 and n >= 1. */
+static uint32_t
+ring_sub(uint32_t a, uint32_t b, uint32_t n)
+{
+    uint64_t v = (uint64_t)a + (uint64_t)n * 2u - (uint64_t)(b % n);
+    return (uint32_t)(v % n);
+}
+
+/* The chunk sent at step t and received at step t. */
+static uint32_t
+send_chunk(const pccl__ring_op *o, uint32_t t)
+{
+    return ring_sub(o->g.rank, t % o->g.world, o->g.world);
+}
+
+static uint32_t
+recv_chunk(const pccl__ring_op *o, uint32_t t)
+{
+    return ring_sub(o->g.rank, (t + 1) % o->g.world, o->g.world);
+}
+
+static size_t
+compute_slice_elems(size_t count, size_t esize, uint32_t world, uint32_t nconns,
+                    uint32_t slice_bytes)
+{
+    size_t per_chunk = count / world + (count % world != 0);
+    size_t s = per_chunk / nconns + (per_chunk % nconns != 0);
+    size_t lo = PCCL_MIN_SLICE_BYTES / esize;
+    size_t hi = slice_bytes / esize;
+
+    if (s < lo) {
+        s = lo;
+    }
+    if (s > hi) {
+        s = hi;
+    }
+    return s == 0 ? 1 : s;
+}
+
+/* World 1: the result is the input, finalized the same way the owner of a
+ * chunk would finalize it. */
+static void
+finish_alone(pccl__ring_op *o)
+{
+    size_t off;
+
+    if (o->dst != o->src) {
+        memcpy(o->dst, o->src, o->count * o->esize);
+    }
+    if (o->op == PCCL_AVG) {
+        pccl__avg_finalize(o->dst, o->count, o->dtype, 1);
+    }
+    if (o->quant == PCCL_QUANT_UINT8_MINMAX) {
+        for (off = 0; off < o->count; off += o->slice_elems) {
+            size_t n = o->count - off < o->slice_elems ? o->count - off : o->slice_elems;
+            uint8_t *x = o->dst + off * o->esize;
+            double mn, sc;
+            pccl__quant_minmax(x, n, o->dtype, o->qbuf, &mn, &sc);
+            pccl__dequant(o->qbuf, n, mn, sc, o->dtype, x);
+        }
+    }
+}
+
+void
+pccl__ring_op_buffers(const pccl__ring_geom *g, size_t count, pccl_dtype dtype, int in_place,
+                      pccl_quant quant, size_t *work_bytes, size_t *q_bytes)
+{
+    size_t esize = 1, se;
+
+    (void)pccl_dtype_size(dtype, &esize);
+    *work_bytes = 0;
+    *q_bytes = 0;
+    if (count == 0) {
+        return;
+    }
+    if (g->world > 1 && in_place) {
+        *work_bytes = count * esize;
+    }
+    if (quant != PCCL_QUANT_NONE) {
+        se = compute_slice_elems(count, esize, g->world, g->nconns, g->slice_bytes);
+        *q_bytes = g->world > 1 ? count : (count < se ? count : se);
+    }
+}
+
+pccl_result
+pccl__ring_op_init(pccl__ring_op *o, const pccl__ring_geom *g, const void *src, void *dst,
+                   size_t count, pccl_dtype dtype, pccl_op op, pccl_quant quant, uint64_t tag,
+                   uint32_t seq, uint8_t *work_buf, uint8_t *q_buf)
+{
+    uint32_t n = g->world, c, t;
+    size_t base, extra, total_slices = 0, nunits, sz;
+    uint8_t *p;
+
+    memset(o, 0, sizeof(*o));
+    o->src = src;
+    o->dst = dst;
+    o->count = count;
+    o->dtype = dtype;
+    o->op = op;
+    o->quant = quant;
+    o->tag = tag;
+    o->seq = seq;
+    o->g = *g;
+    o->work = dst;
+    (void)pccl_dtype_size(dtype, &o->esize);
+    if (count == 0) {
+        return PCCL_OK;
+    }
+    o->slice_elems = compute_slice_elems(count, o->esize, n, g->nconns, g->slice_bytes);
+    o->qbuf = q_buf;
+    if (n == 1) {
+        finish_alone(o);
+        return PCCL_OK;
+    }
+
+    o->nsteps = 2 * n - 2;
+    base = count / n;
+    extra = count % n;
+    o->max_slices = (uint32_t)((base + (extra != 0) + o->slice_elems - 1) / o->slice_elems);
+    nunits = (size_t)o->nsteps * o->max_slices;
+    if (nunits > UINT32_MAX) {
+        return PCCL_ENOMEM; /* unit ids are 32-bit; a smaller tensor fits */
+    }
+
+    /* One block: chunk tables, send units, receive bitmap, quant meta. */
+    sz = n * (2 * sizeof(size_t) + 2 * sizeof(uint32_t));
+    sz = (sz + 15) & ~(size_t)15;
+    {
+        size_t units_off = sz;
+        size_t seen_off = units_off + nunits * sizeof(pccl__frame_out);
+        size_t meta_off = (seen_off + nunits + 15) & ~(size_t)15;
+        size_t all_slices = (count + o->slice_elems - 1) / o->slice_elems + n;
+        size_t total = meta_off + (quant ? 2 * all_slices * sizeof(double) : 0);
+
+        if ((o->mem = calloc(1, total)) == NULL) {
+            return PCCL_ENOMEM;
+        }
+        p = o->mem;
+        o->chunk_off = (size_t *)(void *)p;
+        o->chunk_len = o->chunk_off + n;
+        o->chunk_nslices = (uint32_t *)(void *)(o->chunk_len + n);
+        o->chunk_first = o->chunk_nslices + n;
+        o->units = (pccl__frame_out *)(void *)(p + units_off);
+        o->recv_seen = p + seen_off;
+        if (quant) {
+            o->qmin = (double *)(void *)(p + meta_off);
+            o->qscale = o->qmin + all_slices;
+        }
+    }
+    for (c = 0; c < n; c++) {
+        o->chunk_len[c] = base + (c < extra);
+        o->chunk_off[c] = (size_t)c * base + (c < extra ? c : extra);
+        o->chunk_nslices[c] =
+            (uint32_t)((o->chunk_len[c] + o->slice_elems - 1) / o->slice_elems);
+        o->chunk_first[c] = (uint32_t)total_slices;
+        total_slices += o->chunk_nslices[c];
+    }
+    for (t = 0; t < o->nsteps; t++) {
+        o->sends_left += o->chunk_nslices[send_chunk(o, t)];
+        o->recvs_left += o->chunk_nslices[recv_chunk(o, t)];
+    }
+    if (dst == src) {
+        o->work = work_buf;
+    }
+    return PCCL_OK;
+}
+
+void
+pccl__ring_op_fini(pccl__ring_op *o)
+{
+    free(o->mem);
+    o->mem = NULL;
+}
+
+int
+pccl__ring_op_done(const pccl__ring_op *o)
+{
+    return o->sends_left == 0 && o->recvs_left == 0;
+}
+
+void
+pccl__ring_op_commit(pccl__ring_op *o)
+{
+    if (o->work != o->dst) {
+        memcpy(o->dst, o->work, o->count * o->esize);
+    }
+}
+
+/* Fill and emit send unit (t, j). */
+static void
+send_unit(pccl__ring_op *o, uint32_t t, uint32_t j, pccl__emit_fn emit, void *arg)
+{
+    uint32_t c = send_chunk(o, t);
+    size_t rel = (size_t)j * o->slice_elems;
+    size_t off = o->chunk_off[c] + rel;
+    size_t len = o->chunk_len[c] - rel < o->slice_elems ? o->chunk_len[c] - rel : o->slice_elems;
+    pccl__frame_out *f = &o->units[(size_t)t * o->max_slices + j];
+    pccl__frame_header h;
+    const uint8_t *from = (t == 0) ? o->src : o->work;
+
+    memset(&h, 0, sizeof(h));
+    h.kind = PCCL__FRAME_DATA;
+    h.epoch = o->g.epoch;
+    h.tag = o->tag;
+    h.seq = o->seq;
+    h.step = t;
+    h.offset = off;
+    h.count = (uint32_t)len;
+    h.dtype = (uint8_t)o->dtype;
+    h.op = (uint8_t)o->op;
+    h.quant = (uint8_t)o->quant;
+    if (o->quant == PCCL_QUANT_NONE) {
+        f->payload = from + off * o->esize;
+        f->len = (uint32_t)(len * o->esize);
+    } else {
+        size_t gs = o->chunk_first[c] + j;
+        if (t < o->g.world - 1) {
+            /* Reduce-scatter: quantize the partial sum as it leaves. */
+            pccl__quant_minmax(from + off * o->esize, len, o->dtype, o->qbuf + off,
+                               &o->qmin[gs], &o->qscale[gs]);
+        }
+        h.qmin = o->qmin[gs];
+        h.qscale = o->qscale[gs];
+        f->payload = o->qbuf + off;
+        f->len = (uint32_t)len;
+    }
+    h.length = f->len;
+    f->owner = o;
+    f->next = NULL;
+    pccl__frame_encode(&h, f->hdr);
+    emit(arg, (j + t) % o->g.nconns, f);
+}
+
+void
+pccl__ring_op_begin(pccl__ring_op *o, pccl__emit_fn emit, void *arg)
+{
+    uint32_t j, ns;
+
+    if (o->nsteps == 0) {
+        return;
+    }
+    ns = o->chunk_nslices[send_chunk(o, 0)];
+    for (j = 0; j < ns; j++) {
+        send_unit(o, 0, j, emit, arg);
+    }
+}
+
+pccl_result
+pccl__ring_op_accept(pccl__ring_op *o, const pccl__frame_header *h, uint8_t *scratch,
+                     size_t scratch_len, uint8_t **dst, size_t *len, uint32_t *unit)
+{
+    uint32_t c, j;
+    size_t rel, want, u;
+
+    if (h->epoch != o->g.epoch || h->dtype != (uint8_t)o->dtype || h->op != (uint8_t)o->op ||
+        h->quant != (uint8_t)o->quant || h->step >= o->nsteps) {
+        return PCCL_EPROTO;
+    }
+    c = recv_chunk(o, h->step);
+    if (h->offset < o->chunk_off[c]) {
+        return PCCL_EPROTO;
+    }
+    rel = (size_t)(h->offset - o->chunk_off[c]);
+    if (h->offset - o->chunk_off[c] >= o->chunk_len[c] || rel % o->slice_elems != 0) {
+        return PCCL_EPROTO;
+    }
+    j = (uint32_t)(rel / o->slice_elems);
+    want = o->chunk_len[c] - rel < o->slice_elems ? o->chunk_len[c] - rel : o->slice_elems;
+    if (h->count != want) {
+        return PCCL_EPROTO;
+    }
+    u = (size_t)h->step * o->max_slices + j;
+    if (o->recv_seen[u]) {
+        return PCCL_EPROTO;
+    }
+    /* The decoder tied length to count, dtype and quant; checked again
+     * here because it bounds the write below. */
+    if (h->length != (o->quant ? want : want * o->esize)) {
+        return PCCL_EPROTO;
+    }
+    if (h->step < o->g.world - 1) {
+        if (h->length > scratch_len) {
+            return PCCL_EPROTO;
+        }
+        *dst = scratch;
+    } else if (o->quant) {
+        size_t gs = o->chunk_first[c] + j;
+        o->qmin[gs] = h->qmin;
+        o->qscale[gs] = h->qscale;
+        *dst = o->qbuf + h->offset;
+    } else {
+        *dst = o->work + h->offset * o->esize;
+    }
+    o->recv_seen[u] = 1;
+    *len = h->length;
+    *unit = (uint32_t)u;
+    return PCCL_OK;
+}
+
+void
+pccl__ring_op_received(pccl__ring_op *o, uint32_t unit, const pccl__frame_header *h,
+                       const uint8_t *scratch, pccl__emit_fn emit, void *arg)
+{
+    uint32_t t = unit / o->max_slices;
+    uint32_t j = unit % o->max_slices;
+    uint32_t n = o->g.world;
+    uint32_t c = recv_chunk(o, t);
+    size_t rel = (size_t)j * o->slice_elems;
+    size_t off = o->chunk_off[c] + rel;
+    size_t len = o->chunk_len[c] - rel < o->slice_elems ? o->chunk_len[c] - rel : o->slice_elems;
+    size_t gs = o->chunk_first[c] + j;
+    uint8_t *out = o->work + off * o->esize;
+
+    if (t < n - 1) {
+        const uint8_t *local = o->src + off * o->esize;
+        if (o->quant) {
+            pccl__dequant_reduce(out, scratch, local, len, h->qmin, h->qscale, o->dtype, o->op);
+        } else {
+            pccl__reduce(out, scratch, local, len, o->dtype, o->op);
+        }
+        if (t == n - 2) {
+            /* This peer owns chunk c: finalize it once, for everybody. */
+            if (o->op == PCCL_AVG) {
+                pccl__avg_finalize(out, len, o->dtype, n);
+            }
+            if (o->quant) {
+                pccl__quant_minmax(out, len, o->dtype, o->qbuf + off, &o->qmin[gs],
+                                   &o->qscale[gs]);
+                pccl__dequant(o->qbuf + off, len, o->qmin[gs], o->qscale[gs], o->dtype, out);
+            }
+        }
+    } else if (o->quant) {
+        pccl__dequant(o->qbuf + off, len, o->qmin[gs], o->qscale[gs], o->dtype, out);
+    }
+    o->recvs_left--;
+    o->rx_bytes += PCCL__FRAME_HEADER_SIZE + (uint64_t)h->length;
+    if (t + 1 < o->nsteps) {
+        send_unit(o, t + 1, j, emit, arg);
+    }
+}
+
+void
+pccl__ring_op_sent(pccl__ring_op *o, const pccl__frame_out *f)
+{
+    o->sends_left--;
+    o->tx_bytes += PCCL__FRAME_HEADER_SIZE + (uint64_t)f->len;
+}

@@ -1,0 +1,590 @@
+/*
+ * engine.c - the I/O thread of a communicator.
+ *
+ * One thread per communicator waits in epoll on every socket of the
+ * current ring and on one eventfd.  Callers never touch sockets: they put
+ * requests (ops to start, a ring to install, a break, close) under the
+ * mutex and signal the eventfd.  The thread never busy-polls: it sleeps
+ * until a socket is ready, a request arrives, or the progress deadline of
+ * the ops in flight passes.
+ *
+ * Data path per readiness event:
+ *   inbound connection readable -> read a header, find the op by (tag,
+ *   seq), let the op check it and say where the payload goes, read the
+ *   payload there, let the op reduce/forward it (emit queues the next
+ *   frame on an outbound connection), then flush the outbound queues with
+ *   writev.  An outbound connection becomes writable -> continue its
+ *   queue.  No allocation happens on this path.
+ *
+ * Failure: any error on a connection, a bad frame, the progress timeout,
+ * abort, or close "breaks" the ring: every socket is closed (neighbours
+ * notice at once and break theirs, so a failure travels around the ring
+ * in milliseconds), then every op in flight or queued fails with the
+ * cause.  Sockets are closed before ops are marked done, so no queued
+ * frame can point into a buffer its owner has been told it may reuse.
+ *
+ * A frame for an op this peer has not started yet parks its connection:
+ * the header is kept, the socket leaves the read set (TCP flow control
+ * holds the sender back), and reading resumes when the op starts.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/comm.h"
+
+enum {
+    RX_BUDGET = 8u << 20  /* bytes read from one connection per event */
+};
+
+static void complete_done_ops(pccl_comm *comm);
+
+static void
+fail(pccl_comm *comm, pccl_result rv)
+{
+    if (comm->efail == 0) {
+        comm->efail = rv;
+    }
+}
+
+static void
+set_interest(pccl_comm *comm, pccl__conn *c, uint32_t want)
+{
+    pccl_result rv;
+
+    if (!c->registered || c->interest == want) {
+        return;
+    }
+    if ((rv = pccl__poller_mod(&comm->poller, c->fd, want, c)) != 0) {
+        fail(comm, rv);
+        return;
+    }
+    c->interest = want;
+}
+
+static void
+sent_cb(void *arg, pccl__frame_out *f)
+{
+    (void)arg;
+    pccl__ring_op_sent(f->owner, f);
+}
+
+static void
+flush(pccl_comm *comm, pccl__conn *c)
+{
+    size_t moved = 0;
+    pccl_result rv;
+
+    if (c->fd < 0) {
+        return;
+    }
+    rv = pccl__conn_send(c, sent_cb, comm, &moved);
+    if (moved > 0) {
+        comm->last_progress = pccl__clock_ns();
+    }
+    if (rv != 0) {
+        fail(comm, rv);
+        return;
+    }
+    set_interest(comm, c, PCCL__POLL_IN | (c->sq_head != NULL ? PCCL__POLL_OUT : 0));
+}
+
+static void
+emit_cb(void *arg, uint32_t idx, pccl__frame_out *f)
+{
+    pccl_comm *comm = arg;
+    pccl__conn *c = &comm->ering->out[idx];
+
+    pccl__conn_enqueue(c, f);
+    if (c->peer_closed) {
+        fail(comm, PCCL_EPEERLOST);
+        return;
+    }
+    /* Waiting for POLLOUT: the event flushes it.  Otherwise flush soon. */
+    if (!c->dirty && !(c->interest & PCCL__POLL_OUT)) {
+        c->dirty = 1;
+        comm->ering->dirty[comm->ndirty++] = c;
+    }
+}
+
+static void
+flush_dirty(pccl_comm *comm)
+{
+    uint32_t i;
+    for (i = 0; i < comm->ndirty; i++) {
+        pccl__conn *c = comm->ering->dirty[i];
+        c->dirty = 0;
+        flush(comm, c);
+    }
+    comm->ndirty = 0;
+}
+
+static pccl_op_handle *
+find_op(pccl_comm *comm, uint64_t tag, uint32_t seq)
+{
+    pccl_op_handle *op;
+    for (op = comm->eops; op != NULL; op = op->enext) {
+        if (op->ring.tag == tag && op->ring.seq == seq) {
+            return op;
+        }
+    }
+    return NULL;
+}
+
+static void
+finish_ops(pccl_comm *comm, pccl_op_handle *list, pccl_result rv)
+{
+    while (list != NULL) {
+        pccl_op_handle *next = list->qnext;
+        pccl__op_finish_locked(comm, list, rv);
+        list = next;
+    }
+}
+
+/* Give the header parked on c to its op, if it has started. */
+static void
+try_unpark(pccl_comm *comm, pccl__conn *c)
+{
+    pccl_op_handle *op = find_op(comm, c->rh.tag, c->rh.seq);
+    uint8_t *dst;
+    size_t len;
+    uint32_t unit;
+    pccl_result rv;
+
+    if (op == NULL) {
+        return;
+    }
+    if ((rv = pccl__ring_op_accept(&op->ring, &c->rh, c->scratch, c->scratch_len, &dst, &len,
+                                   &unit)) != 0) {
+        fail(comm, rv);
+        return;
+    }
+    pccl__conn_expect(c, dst, len, &op->ring, unit);
+    comm->nparked_conns--;
+    set_interest(comm, c, PCCL__POLL_IN);
+}
+
+static void
+start_ops(pccl_comm *comm, pccl_op_handle *list)
+{
+    uint32_t k;
+
+    while (list != NULL) {
+        pccl_op_handle *op = list;
+        list = list->qnext;
+        op->qnext = NULL;
+        if (comm->ering == NULL || op->ring_gen != comm->ering->gen) {
+            pccl__mutex_lock(&comm->mtx);
+            pccl__op_finish_locked(comm, op, PCCL_ERINGBROKEN);
+            pccl__cond_broadcast(&comm->cv);
+            pccl__mutex_unlock(&comm->mtx);
+            continue;
+        }
+        if (comm->eops == NULL) {
+            comm->last_progress = pccl__clock_ns();
+        }
+        op->eprev = NULL;
+        op->enext = comm->eops;
+        if (comm->eops != NULL) {
+            comm->eops->eprev = op;
+        }
+        comm->eops = op;
+        pccl__ring_op_begin(&op->ring, emit_cb, comm);
+    }
+    if (comm->nparked_conns > 0 && comm->ering != NULL) {
+        for (k = 0; k < comm->ering->nlinks; k++) {
+            if (comm->ering->in[k].rstate == PCCL__RX_PARKED) {
+                try_unpark(comm, &comm->ering->in[k]);
+            }
+        }
+    }
+}
+
+/* Pick up queued ops; also report how many ops with tag were started. */
+static void
+pull_ops(pccl_comm *comm, uint64_t tag, uint32_t *started)
+{
+    pccl_op_handle *list;
+
+    pccl__mutex_lock(&comm->mtx);
+    list = comm->subq_head;
+    comm->subq_head = comm->subq_tail = NULL;
+    *started = pccl__seq_peek(&comm->seqs, tag);
+    pccl__mutex_unlock(&comm->mtx);
+    start_ops(comm, list);
+}
+
+/* A header is complete on c: route it. */
+static void
+dispatch(pccl_comm *comm, pccl__conn *c)
+{
+    pccl_op_handle *op;
+    uint8_t *dst;
+    size_t len;
+    uint32_t unit, started;
+    pccl_result rv;
+
+    if (c->rh.epoch != comm->ering->geom.epoch) {
+        fail(comm, PCCL_EPROTO);
+        return;
+    }
+    op = find_op(comm, c->rh.tag, c->rh.seq);
+    if (op == NULL) {
+        pull_ops(comm, c->rh.tag, &started);
+        if (comm->efail != 0 || comm->ering == NULL) {
+            return;
+        }
+        op = find_op(comm, c->rh.tag, c->rh.seq);
+    }
+    if (op == NULL) {
+        if (c->rh.seq < started) {
+            fail(comm, PCCL_EPROTO); /* an op that already ended */
+            return;
+        }
+        c->rstate = PCCL__RX_PARKED;
+        comm->nparked_conns++;
+        set_interest(comm, c, PCCL__POLL_RDHUP); /* still hear a hang-up */
+        return;
+    }
+    if ((rv = pccl__ring_op_accept(&op->ring, &c->rh, c->scratch, c->scratch_len, &dst, &len,
+                                   &unit)) != 0) {
+        fail(comm, rv);
+        return;
+    }
+    pccl__conn_expect(c, dst, len, &op->ring, unit);
+}
+
+static void
+rx(pccl_comm *comm, pccl__conn *c)
+{
+    size_t budget = RX_BUDGET;
+    size_t moved;
+    int ready;
+    pccl_result rv;
+
+    while (comm->efail == 0) {
+        if (c->rstate == PCCL__RX_HEADER) {
+            if ((rv = pccl__conn_recv_header(c, &ready, &moved)) != 0) {
+                fail(comm, rv);
+                return;
+            }
+            if (moved > 0) {
+                comm->last_progress = pccl__clock_ns();
+            }
+            if (!ready) {
+                return;
+            }
+            dispatch(comm, c);
+            if (c->rstate != PCCL__RX_PAYLOAD) {
+                return; /* parked or failed */
+            }
+        } else if (c->rstate == PCCL__RX_PAYLOAD) {
+            int done;
+            pccl__ring_op *r = c->rop;
+            if ((rv = pccl__conn_recv_payload(c, &done, &moved)) != 0) {
+                fail(comm, rv);
+                return;
+            }
+            if (moved > 0) {
+                comm->last_progress = pccl__clock_ns();
+            }
+            if (done) {
+                pccl__ring_op_received(r, c->runit, &c->rh, c->scratch, emit_cb, comm);
+                flush_dirty(comm);
+            } else if (moved == 0) {
+                return;
+            }
+            if (moved >= budget) {
+                return;
+            }
+            budget -= moved;
+        } else {
+            return;
+        }
+    }
+}
+
+/* An outbound connection is readable or errored: the peer never sends on
+ * it, so this is a hang-up (or garbage). */
+static void
+probe_outbound(pccl_comm *comm, pccl__conn *c)
+{
+    uint8_t b;
+    size_t got = 0;
+    pccl_op_handle *op;
+    pccl_result rv = pccl__sock_read(c->fd, &b, 1, &got);
+
+    if (rv == 0 && got == 1) {
+        fail(comm, PCCL_EPROTO);
+        return;
+    }
+    c->peer_closed = 1;
+    pccl__poller_del(&comm->poller, c->fd);
+    c->registered = 0;
+    /* Ops that still have to send cannot finish; ops only waiting for
+     * the previous rank might.  With nothing in flight the ring is
+     * useless from now on: say so at once. */
+    if (c->sq_head != NULL || comm->eops == NULL) {
+        fail(comm, PCCL_EPEERLOST);
+        return;
+    }
+    for (op = comm->eops; op != NULL; op = op->enext) {
+        if (op->ring.sends_left > 0) {
+            fail(comm, PCCL_EPEERLOST);
+            return;
+        }
+    }
+}
+
+static void
+complete_done_ops(pccl_comm *comm)
+{
+    pccl_op_handle *op, *next, *done = NULL;
+
+    for (op = comm->eops; op != NULL; op = next) {
+        next = op->enext;
+        if (pccl__ring_op_done(&op->ring)) {
+            if (op->eprev != NULL) {
+                op->eprev->enext = op->enext;
+            } else {
+                comm->eops = op->enext;
+            }
+            if (op->enext != NULL) {
+                op->enext->eprev = op->eprev;
+            }
+            op->qnext = done;
+            done = op;
+        }
+    }
+    if (done != NULL) {
+        pccl__mutex_lock(&comm->mtx);
+        finish_ops(comm, done, PCCL_OK);
+        pccl__cond_broadcast(&comm->cv);
+        pccl__mutex_unlock(&comm->mtx);
+    }
+}
+
+static void
+free_ring(pccl__ring_install *r)
+{
+    free(r->out);
+    free(r->in);
+    free(r->scratch);
+    free(r->dirty);
+    free(r);
+}
+
+static void
+close_ring(pccl_comm *comm)
+{
+    pccl__ring_install *r = comm->ering;
+    uint32_t k;
+
+    if (r == NULL) {
+        return;
+    }
+    for (k = 0; k < r->nlinks; k++) {
+        if (r->out[k].registered) {
+            pccl__poller_del(&comm->poller, r->out[k].fd);
+        }
+        if (r->in[k].registered) {
+            pccl__poller_del(&comm->poller, r->in[k].fd);
+        }
+        pccl__conn_fini(&r->out[k]);
+        pccl__conn_fini(&r->in[k]);
+    }
+    free_ring(r);
+    comm->ering = NULL;
+    comm->ndirty = 0;
+    comm->nparked_conns = 0;
+}
+
+/* Break the ring: close sockets first, then fail ops in flight, ops still
+ * queued, and `subs` (already taken from the queue). */
+static void
+engine_break(pccl_comm *comm, pccl_result code, pccl_op_handle *subs)
+{
+    pccl_op_handle *op, *next;
+
+    complete_done_ops(comm); /* ops that got every byte still succeed */
+    close_ring(comm);
+    pccl__mutex_lock(&comm->mtx);
+    for (op = comm->eops; op != NULL; op = next) {
+        next = op->enext;
+        pccl__op_finish_locked(comm, op, code);
+    }
+    comm->eops = NULL;
+    finish_ops(comm, subs, code);
+    finish_ops(comm, comm->subq_head, code);
+    comm->subq_head = comm->subq_tail = NULL;
+    if (comm->ring_state == PCCL__RING_READY) {
+        comm->ring_state = PCCL__RING_BROKEN;
+    }
+    comm->engine_ring_live = 0;
+    pccl__cond_broadcast(&comm->cv);
+    pccl__mutex_unlock(&comm->mtx);
+    comm->efail = 0;
+}
+
+static void
+install(pccl_comm *comm, pccl__ring_install *r)
+{
+    uint32_t k;
+    pccl_result rv;
+
+    comm->ering = r;
+    comm->ndirty = 0;
+    comm->nparked_conns = 0;
+    for (k = 0; k < r->nlinks; k++) {
+        pccl__conn *cs[2] = {&r->out[k], &r->in[k]};
+        int i;
+        for (i = 0; i < 2; i++) {
+            if ((rv = pccl__poller_add(&comm->poller, cs[i]->fd, PCCL__POLL_IN, cs[i])) != 0) {
+                fail(comm, rv);
+                return;
+            }
+            cs[i]->registered = 1;
+            cs[i]->interest = PCCL__POLL_IN;
+        }
+    }
+}
+
+/* Handle requests; returns 1 when the engine must exit. */
+static int
+handle_requests(pccl_comm *comm)
+{
+    pccl__ring_install *inst;
+    pccl_op_handle *subs;
+    pccl_result brk;
+    int closing;
+
+    pccl__event_drain(&comm->engine_wake);
+    pccl__mutex_lock(&comm->mtx);
+    closing = comm->closing;
+    inst = comm->req_install;
+    comm->req_install = NULL;
+    brk = comm->req_break;
+    comm->req_break = 0;
+    subs = comm->subq_head;
+    comm->subq_head = comm->subq_tail = NULL;
+    pccl__mutex_unlock(&comm->mtx);
+
+    if (inst != NULL) {
+        if (comm->ering != NULL) {
+            close_ring(comm); /* cannot happen: set_ring drops first */
+        }
+        install(comm, inst);
+        if (comm->efail != 0) {
+            brk = brk ? brk : comm->efail;
+        }
+    }
+    if (closing) {
+        engine_break(comm, PCCL_ECLOSED, subs);
+        return 1;
+    }
+    if (brk != 0) {
+        engine_break(comm, brk, subs);
+        return 0;
+    }
+    start_ops(comm, subs);
+    flush_dirty(comm);
+    if (comm->efail != 0) {
+        engine_break(comm, comm->efail, NULL);
+    }
+    return 0;
+}
+
+static void
+engine_main(void *arg)
+{
+    pccl_comm *comm = arg;
+    pccl__poll_event ev[64];
+    int n, i;
+
+    for (;;) {
+        uint64_t deadline = PCCL__NO_DEADLINE;
+        int wake = 0;
+        pccl__ring_install *ring_at_start;
+
+        if (comm->eops != NULL && comm->progress_timeout_ms >= 0) {
+            deadline = comm->last_progress + (uint64_t)comm->progress_timeout_ms * 1000000u;
+        }
+        if (pccl__poller_wait(&comm->poller, ev, 64, pccl__poll_timeout_ms(deadline), &n) != 0) {
+            n = 0;
+            pccl__sleep_ms(1);
+        }
+        ring_at_start = comm->ering;
+        for (i = 0; i < n; i++) {
+            pccl__conn *c;
+            if (ev[i].ptr == (void *)&comm->engine_wake) {
+                wake = 1;
+                continue;
+            }
+            if (comm->ering == NULL || comm->ering != ring_at_start) {
+                continue; /* the ring broke during this batch */
+            }
+            c = ev[i].ptr;
+            if (c->fd < 0 || !c->registered) {
+                continue;
+            }
+            if (c->outbound) {
+                if (ev[i].flags & PCCL__POLL_OUT) {
+                    flush(comm, c);
+                }
+                if (comm->efail == 0 && (ev[i].flags & (PCCL__POLL_IN | PCCL__POLL_ERR))) {
+                    probe_outbound(comm, c);
+                }
+            } else if (c->rstate == PCCL__RX_PARKED) {
+                if (ev[i].flags & PCCL__POLL_ERR) {
+                    fail(comm, PCCL_EPEERLOST);
+                }
+            } else {
+                rx(comm, c);
+            }
+            if (comm->efail == 0) {
+                flush_dirty(comm);
+            }
+            if (comm->efail != 0) {
+                engine_break(comm, comm->efail, NULL);
+            }
+        }
+        if (wake && handle_requests(comm)) {
+            return;
+        }
+        complete_done_ops(comm);
+        if (comm->eops != NULL && comm->progress_timeout_ms >= 0 &&
+            pccl__clock_ns() >= comm->last_progress +
+                                    (uint64_t)comm->progress_timeout_ms * 1000000u) {
+            engine_break(comm, PCCL_ETIMEDOUT, NULL);
+        }
+    }
+}
+
+pccl_result
+pccl__engine_start(pccl_comm *comm)
+{
+    pccl_result rv;
+
+    if ((rv = pccl__poller_init(&comm->poller)) != 0) {
+        return rv;
+    }
+    if ((rv = pccl__poller_add(&comm->poller, comm->engine_wake.fd, PCCL__POLL_IN,
+                               &comm->engine_wake)) != 0 ||
+        (rv = pccl__thread_start(&comm->engine, engine_main, comm)) != 0) {
+        pccl__poller_fini(&comm->poller);
+        return rv;
+    }
+    return PCCL_OK;
+}
+
+void
+pccl__engine_join(pccl_comm *comm)
+{
+    pccl__thread_join(&comm->engine);
+    pccl__poller_fini(&comm->poller);
+}
+
+void
+pccl__engine_wake(pccl_comm *comm)
+{
+    pccl__event_signal(&comm->engine_wake);
+}
