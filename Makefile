@@ -1,0 +1,61 @@
+# The two commands of the README, and the pieces they are made of.
+#   make demo   - set everything up, then run the demo on localhost
+#   make test   - set everything up, then run every test (C under ASan/UBSan, pytest, ruff)
+# Everything lands in .venv/ and build/; `make clean` removes both.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# The CPU build of torch on these machines; a bare "torch" would download CUDA wheels.
+TORCH  := torch==2.13.0
+JOBS   ?= 2
+
+SOURCES := pyproject.toml CMakeLists.txt $(shell find native/include native/src native/CMakeLists.txt pccl tools -type f -not -name '*.pyc' 2>/dev/null)
+
+.PHONY: all demo test test-c test-py lint bench install clean
+
+all: install
+
+$(VENV)/bin/activate:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+# Third-party packages first (slow, rarely change), then pccl itself.
+$(VENV)/.deps: $(VENV)/bin/activate pyproject.toml
+	$(PIP) install --quiet "$(TORCH)" "cffi>=1.17" "numpy>=1.24" "msgpack>=1.0" "uvloop>=0.19" \
+	    "xxhash>=3.4" "prometheus-client>=0.20" "tqdm>=4.66" "matplotlib>=3.8" \
+	    "pytest>=8" "pytest-timeout>=2.3" "pytest-asyncio>=0.23" "hypothesis>=6.100" "ruff>=0.6" \
+	    "scikit-build-core>=0.10"
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.deps $(SOURCES)
+	$(PIP) install --quiet --no-build-isolation --no-deps .
+	touch $@
+
+install: $(VENV)/.installed
+
+# C tests alone, under AddressSanitizer + UndefinedBehaviorSanitizer.
+test-c:
+	cmake -S native -B build/asan -DPCCL_SANITIZE=ON -DCMAKE_BUILD_TYPE=Debug >/dev/null
+	cmake --build build/asan -j$(JOBS)
+	ctest --test-dir build/asan --output-on-failure -j$(JOBS)
+
+lint: $(VENV)/.deps
+	$(VENV)/bin/ruff check pccl tests benchmarks examples tools
+
+# pytest is started as a script (not `python -m`) so the source tree's
+# pccl/ (which has no compiled extension) does not shadow the installed one.
+test-py: install
+	$(VENV)/bin/pytest -q
+
+test: test-c lint test-py
+
+demo: install
+	$(PY) examples/demo.py
+
+bench: install
+	$(PY) benchmarks/allreduce_loopback.py
+
+clean:
+	rm -rf $(VENV) build

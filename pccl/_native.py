@@ -1,0 +1,440 @@
+"""cffi handles over the native core, and the one table of its error codes.
+
+Everything that touches ``pccl._pccl_native`` lives here: the rest of the
+package sees Python objects (:class:`NativeComm`, :class:`AllReduceHandle`)
+and :mod:`pccl.errors` exceptions.  Calls into the core release the GIL
+(cffi API mode), so a background thread keeps running while an all-reduce
+blocks.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from . import errors
+from ._pccl_native import ffi, lib
+from .types import DType, Quantization, ReduceInfo, ReduceOp
+
+# --------------------------------------------------------------------------
+# Errors: one table, one checking function with a fast path.
+
+_ERRORS: dict[int, type[errors.PcclError]] = {
+    lib.PCCL_EINVAL: errors.InvalidArgumentError,
+    lib.PCCL_ENOMEM: errors.OutOfMemoryError,
+    lib.PCCL_ETIMEDOUT: errors.PcclTimeoutError,
+    lib.PCCL_EABORTED: errors.AbortedError,
+    lib.PCCL_ECLOSED: errors.ClosedError,
+    lib.PCCL_EPEERLOST: errors.PeerLostError,
+    lib.PCCL_EPROTO: errors.ProtocolError,
+    lib.PCCL_EAUTH: errors.AuthenticationError,
+    lib.PCCL_ESTATE: errors.StateError,
+    lib.PCCL_EBUSY: errors.BusyError,
+    lib.PCCL_ENOTSUP: errors.NotSupportedError,
+    lib.PCCL_EADDR: errors.AddressError,
+    lib.PCCL_ECONNREFUSED: errors.PcclConnectionRefusedError,
+    lib.PCCL_ERINGBROKEN: errors.RingBrokenError,
+}
+
+
+def error_for(rv: int, what: str = "") -> errors.PcclError:
+    """The exception for a non-zero result code of the core."""
+    if rv & lib.PCCL_ESYSERR:
+        errno = rv & ~lib.PCCL_ESYSERR
+        import os
+
+        exc: errors.PcclError = errors.PcclOSError(
+            f"{what}: {os.strerror(errno)} (errno {errno})" if what else os.strerror(errno), rv
+        )
+        exc.errno = errno
+        return exc
+    cls = _ERRORS.get(rv, errors.PcclError)
+    text = ffi.string(lib.pccl_strerror(rv)).decode()
+    return cls(f"{what}: {text}" if what else text, rv)
+
+
+def check(rv: int, what: str = "") -> None:
+    """Raise the matching :class:`pccl.PcclError` unless ``rv`` is 0."""
+    if rv:
+        raise error_for(rv, what)
+
+
+def version() -> str:
+    """Version string of the compiled core."""
+    return ffi.string(lib.pccl_version()).decode()
+
+
+# --------------------------------------------------------------------------
+# Buffers: numpy arrays and contiguous CPU torch tensors, never copied.
+
+_NUMPY_DTYPES = {
+    np.dtype(np.float32): DType.FLOAT32,
+    np.dtype(np.float64): DType.FLOAT64,
+    np.dtype(np.float16): DType.FLOAT16,
+    np.dtype(np.int8): DType.INT8,
+    np.dtype(np.int16): DType.INT16,
+    np.dtype(np.int32): DType.INT32,
+    np.dtype(np.int64): DType.INT64,
+    np.dtype(np.uint8): DType.UINT8,
+}
+
+_torch_dtypes: dict[Any, DType] | None = None
+
+
+def _torch_dtype_table() -> dict[Any, DType]:
+    global _torch_dtypes
+    if _torch_dtypes is None:
+        import torch
+
+        _torch_dtypes = {
+            torch.float32: DType.FLOAT32,
+            torch.float64: DType.FLOAT64,
+            torch.float16: DType.FLOAT16,
+            torch.bfloat16: DType.BFLOAT16,
+            torch.int8: DType.INT8,
+            torch.int16: DType.INT16,
+            torch.int32: DType.INT32,
+            torch.int64: DType.INT64,
+            torch.uint8: DType.UINT8,
+        }
+    return _torch_dtypes
+
+
+def _is_torch_tensor(x: Any) -> bool:
+    return type(x).__module__.startswith("torch") and hasattr(x, "data_ptr")
+
+
+def buffer_info(x: Any, name: str = "tensor", writable: bool = False):
+    """``(address, element count, DType, shape)`` of ``x`` without copying.
+
+    Raises :class:`pccl.InvalidArgumentError` (a ``ValueError``) for
+    anything the core cannot read in place: other types, unsupported
+    dtypes, non-contiguous layouts, non-CPU devices, read-only arrays
+    when ``writable``.
+    """
+    if isinstance(x, np.ndarray):
+        dtype = _NUMPY_DTYPES.get(x.dtype)
+        if dtype is None:
+            raise errors.InvalidArgumentError(
+                f"{name}: dtype {x.dtype} is not supported "
+                f"(use one of {', '.join(str(d) for d in _NUMPY_DTYPES)}, or torch.bfloat16)"
+            )
+        if not x.flags.c_contiguous:
+            raise errors.InvalidArgumentError(f"{name}: array must be C-contiguous")
+        if writable and not x.flags.writeable:
+            raise errors.InvalidArgumentError(f"{name}: array is read-only")
+        return x.ctypes.data, x.size, dtype, x.shape
+    if _is_torch_tensor(x):
+        dtype = _torch_dtype_table().get(x.dtype)
+        if dtype is None:
+            raise errors.InvalidArgumentError(f"{name}: dtype {x.dtype} is not supported")
+        if x.device.type != "cpu":
+            raise errors.InvalidArgumentError(
+                f"{name}: tensor is on {x.device}; pccl reduces CPU tensors"
+            )
+        if not x.is_contiguous():
+            raise errors.InvalidArgumentError(f"{name}: tensor must be contiguous")
+        return x.data_ptr(), x.numel(), dtype, tuple(x.shape)
+    raise errors.InvalidArgumentError(
+        f"{name}: expected a numpy array or a CPU torch tensor, got {type(x).__name__}"
+    )
+
+
+def _overlap(a_addr: int, a_len: int, b_addr: int, b_len: int) -> bool:
+    return a_addr < b_addr + b_len and b_addr < a_addr + a_len
+
+
+def _timeout_ms(timeout: float | None) -> int:
+    if timeout is None:
+        return -1
+    if timeout < 0:
+        raise errors.InvalidArgumentError("timeout must be >= 0 or None")
+    return min(int(timeout * 1000), 2**31 - 1)
+
+
+# --------------------------------------------------------------------------
+# Handles.
+
+
+class AllReduceHandle:
+    """An all-reduce in flight.  ``wait()`` returns its :class:`ReduceInfo`
+    or raises; the buffers stay referenced until then."""
+
+    __slots__ = ("_h", "_keep", "_result", "_lock", "__weakref__")
+
+    def __init__(self, h, keep: tuple):
+        self._h = h
+        self._keep = keep
+        self._result: ReduceInfo | BaseException | None = None
+        self._lock = threading.Lock()
+
+    def wait(self, timeout: float | None = None) -> ReduceInfo:
+        """Block until the operation ends.  With a ``timeout`` (seconds)
+        :class:`pccl.PcclTimeoutError` is raised when it passes and the
+        operation keeps running; call ``wait`` again or abort the comm."""
+        with self._lock:
+            if self._result is None:
+                info = ffi.new("pccl_reduce_info *")
+                rv = lib.pccl_op_wait(self._h, _timeout_ms(timeout), info)
+                if rv == lib.PCCL_ETIMEDOUT and timeout is not None:
+                    raise errors.PcclTimeoutError(
+                        f"all-reduce still running after {timeout} s", rv
+                    )
+                if rv:
+                    self._result = error_for(rv, "all_reduce")
+                else:
+                    self._result = ReduceInfo(info.world, info.tx_bytes, info.rx_bytes)
+                self._release()
+        if isinstance(self._result, BaseException):
+            raise self._result
+        return self._result
+
+    def done(self) -> bool:
+        """True once ``wait`` has returned or raised."""
+        return self._result is not None
+
+    def _release(self) -> None:
+        h, self._h = self._h, None
+        if h is not None:
+            lib.pccl_op_free(h)  # aborts and waits if still running
+        self._keep = ()
+
+    def __del__(self):
+        # Free (abort + join) before the referenced buffers can go away.
+        try:
+            self._release()
+        except Exception:
+            pass
+
+
+class NativeComm:
+    """One native communicator: a listener, an I/O thread and at most one
+    ring of K striped TCP connections per neighbour.
+
+    The master-driven :class:`pccl.Communicator` and the master-less
+    :class:`pccl.StaticRing` are both built on it.
+    """
+
+    def __init__(
+        self,
+        listen: str = "127.0.0.1:0",
+        p2p_connections: int = 4,
+        secret: bytes | str | None = None,
+        slice_bytes: int | None = None,
+        progress_timeout: float | None = 60.0,
+        handshake_timeout: float = 5.0,
+    ):
+        cfg = ffi.new("pccl_comm_config *")
+        check(lib.pccl_comm_config_init(cfg), "config")
+        listen_c = ffi.new("char[]", listen.encode())
+        cfg.listen_addr = listen_c
+        if not 1 <= p2p_connections <= lib.PCCL_MAX_CONNECTIONS:
+            raise errors.InvalidArgumentError(
+                f"p2p_connections must be in 1..{lib.PCCL_MAX_CONNECTIONS}, got {p2p_connections}"
+            )
+        cfg.p2p_connections = p2p_connections
+        if slice_bytes is not None:
+            cfg.slice_bytes = slice_bytes
+        cfg.progress_timeout_ms = -1 if progress_timeout is None else _timeout_ms(progress_timeout)
+        cfg.handshake_timeout_ms = _timeout_ms(handshake_timeout)
+        secret_c = None
+        if secret is not None:
+            secret_b = secret.encode() if isinstance(secret, str) else bytes(secret)
+            if not secret_b:
+                raise errors.InvalidArgumentError("secret must not be empty")
+            secret_c = ffi.new("uint8_t[]", secret_b)
+            cfg.secret = secret_c
+            cfg.secret_len = len(secret_b)
+        out = ffi.new("pccl_comm **")
+        check(lib.pccl_comm_create(cfg, out), f"create communicator listening on {listen}")
+        self._comm = ffi.gc(out[0], lib.pccl_comm_free)
+        self.p2p_connections = p2p_connections
+        self._closed = False
+        buf = ffi.new("char[]", lib.PCCL_ADDRSTRLEN)
+        check(lib.pccl_comm_listen_address(self._comm, buf, len(buf)), "listen address")
+        self.address: str = ffi.string(buf).decode()
+        self.world_size = 1
+
+    # -- ring -------------------------------------------------------------
+
+    def set_ring(
+        self,
+        epoch: int,
+        rank: int,
+        world: int,
+        next_addr: str | None,
+        bind_addrs: Sequence[str] | None = None,
+        timeout: float | None = 30.0,
+    ) -> None:
+        """Replace the ring (blocks until all 2K connections are up)."""
+        self._check_open()
+        if world < 1 or not 0 <= rank < world:
+            raise errors.InvalidArgumentError(f"rank {rank} is not in a world of {world}")
+        ring = ffi.new("pccl_ring_config *")
+        ring.epoch = epoch
+        ring.rank = rank
+        ring.world = world
+        keep = []
+        if world > 1:
+            if not next_addr:
+                raise errors.InvalidArgumentError("next_addr is required when world > 1")
+            keep.append(ffi.new("char[]", next_addr.encode()))
+            ring.next_addr = keep[-1]
+        if bind_addrs:
+            arr = ffi.new("char *[]", len(bind_addrs))
+            for i, a in enumerate(bind_addrs):
+                keep.append(ffi.new("char[]", a.encode()))
+                arr[i] = keep[-1]
+            keep.append(arr)
+            ring.bind_addrs = arr
+            ring.n_bind_addrs = len(bind_addrs)
+        ring.timeout_ms = _timeout_ms(timeout)
+        check(lib.pccl_comm_set_ring(self._comm, ring), f"set ring (epoch {epoch})")
+        self.world_size = world
+
+    # -- all-reduce -------------------------------------------------------
+
+    def _start(self, x, out, op, quantization, tag):
+        self._check_open()
+        op = ReduceOp(op)
+        quantization = Quantization(quantization)
+        src, count, dtype, shape = buffer_info(x, "x")
+        if out is None or out is x:
+            if isinstance(x, np.ndarray) and not x.flags.writeable:
+                raise errors.InvalidArgumentError("x: array is read-only (pass out=)")
+            dst = src
+            keep = (x,)
+        else:
+            dst, ocount, odtype, oshape = buffer_info(out, "out", writable=True)
+            if odtype != dtype or oshape != shape:
+                raise errors.InvalidArgumentError(
+                    f"out must match x: x is {dtype.name}{list(shape)}, "
+                    f"out is {odtype.name}{list(oshape)}"
+                )
+            nbytes = count * _ELEMENT_SIZE[dtype]
+            if dst != src and _overlap(src, nbytes, dst, nbytes):
+                raise errors.InvalidArgumentError("x and out overlap partially")
+            keep = (x, out)
+        if quantization != Quantization.NONE and dtype not in _FLOAT_DTYPES:
+            raise errors.NotSupportedError(
+                f"quantization {quantization.name} needs a floating dtype, got {dtype.name}"
+            )
+        h = ffi.new("pccl_op_handle **")
+        check(
+            lib.pccl_comm_all_reduce_start(
+                self._comm,
+                ffi.cast("void *", src),
+                ffi.cast("void *", dst),
+                count,
+                int(dtype),
+                int(op),
+                int(quantization),
+                tag,
+                h,
+            ),
+            "all_reduce",
+        )
+        return AllReduceHandle(h[0], keep)
+
+    def all_reduce_async(
+        self, x, out=None, op=ReduceOp.SUM, quantization=Quantization.NONE, tag: int = 0
+    ) -> AllReduceHandle:
+        """Start an all-reduce striped over all connections; returns a
+        handle whose ``wait()`` gives the :class:`ReduceInfo`."""
+        return self._start(x, out, op, quantization, tag)
+
+    def all_reduce(
+        self,
+        x,
+        out=None,
+        op=ReduceOp.SUM,
+        quantization=Quantization.NONE,
+        tag: int = 0,
+        timeout: float | None = None,
+    ) -> ReduceInfo:
+        """Reduce ``x`` across the ring into ``out`` (in place when None).
+
+        On failure ``x`` is unchanged.  A ``timeout`` (seconds) that passes
+        aborts the ring (:class:`pccl.PcclTimeoutError`)."""
+        handle = self._start(x, out, op, quantization, tag)
+        try:
+            return handle.wait(timeout)
+        except errors.PcclTimeoutError:
+            self.abort()
+            try:
+                handle.wait()
+            except errors.PcclError:
+                pass
+            raise
+
+    # -- lifetime -----------------------------------------------------------
+
+    def abort(self) -> None:
+        """Fail every operation in flight (AbortedError) and break the ring.
+        Never blocks; any thread."""
+        if not self._closed:
+            check(lib.pccl_comm_abort(self._comm), "abort")
+
+    def close(self) -> None:
+        """Close every connection and stop the I/O thread.  Idempotent."""
+        if not self._closed:
+            self._closed = True
+            lib.pccl_comm_close(self._comm)
+            ffi.release(self._comm)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise errors.ClosedError("communicator is closed", lib.PCCL_ECLOSED)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+_ELEMENT_SIZE = {d: 0 for d in DType}
+for _d in DType:
+    _sz = ffi.new("size_t *")
+    check(lib.pccl_dtype_size(int(_d), _sz))
+    _ELEMENT_SIZE[_d] = _sz[0]
+del _d, _sz
+
+_FLOAT_DTYPES = frozenset({DType.FLOAT32, DType.FLOAT64, DType.FLOAT16, DType.BFLOAT16})
+
+
+class StaticRing(NativeComm):
+    """A ring without a master: every rank knows every other rank's address
+    (like Gloo's full-mesh rendezvous).  For tests and benchmarks; training
+    jobs use :class:`pccl.Communicator`.
+
+    >>> ring = StaticRing(rank, world)            # binds 127.0.0.1:0
+    >>> addresses = exchange(ring.address)        # your rendezvous
+    >>> ring.connect(addresses)
+    >>> ring.all_reduce(x)
+    """
+
+    def __init__(self, rank: int, world: int, listen: str = "127.0.0.1:0", **kwargs):
+        if world < 1 or not 0 <= rank < world:
+            raise errors.InvalidArgumentError(f"rank {rank} is not in a world of {world}")
+        super().__init__(listen=listen, **kwargs)
+        self.rank = rank
+        self.world = world
+
+    def connect(
+        self,
+        addresses: Sequence[str],
+        timeout: float | None = 30.0,
+        epoch: int = 0,
+        bind_addrs: Sequence[str] | None = None,
+    ) -> None:
+        """Build the ring from every rank's address (index = rank)."""
+        if len(addresses) != self.world:
+            raise errors.InvalidArgumentError(
+                f"expected {self.world} addresses, got {len(addresses)}"
+            )
+        nxt = addresses[(self.rank + 1) % self.world] if self.world > 1 else None
+        self.set_ring(epoch, self.rank, self.world, nxt, bind_addrs=bind_addrs, timeout=timeout)

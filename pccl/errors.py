@@ -1,0 +1,89 @@
+"""Exceptions raised by pccl.
+
+Every exception derives from :class:`PcclError`; each subclass also derives
+from the matching built-in, so ``except TimeoutError`` or
+``except ConnectionError`` work as a user expects.  The C result codes map
+onto these classes in one table in :mod:`pccl._native`.
+"""
+
+from __future__ import annotations
+
+
+class PcclError(Exception):
+    """Base class of every pccl error.  ``code`` is the C result code (0 if
+    the error was raised by Python code)."""
+
+    def __init__(self, message: str = "", code: int = 0):
+        super().__init__(message)
+        self.code = code
+
+
+class InvalidArgumentError(PcclError, ValueError):
+    """A bad argument: dtype, shape, contiguity, device, address, size."""
+
+
+class NotSupportedError(PcclError, ValueError):
+    """A valid but unsupported combination (e.g. quantizing integers)."""
+
+
+class AddressError(PcclError, ValueError):
+    """An address that cannot be parsed or bound."""
+
+
+class PcclTimeoutError(PcclError, TimeoutError):
+    """A deadline passed."""
+
+
+class PeerLostError(PcclError, ConnectionError):
+    """A peer taking part in the operation was lost; survivors all raise it
+    for the same operation, with their inputs unchanged."""
+
+
+class AbortedError(PcclError, ConnectionError):
+    """The operation was aborted from another thread."""
+
+
+class ClosedError(PcclError, ConnectionError):
+    """The communicator was closed."""
+
+
+class RingBrokenError(PcclError, ConnectionError):
+    """An earlier failure broke the ring; rebuild it before reducing again."""
+
+
+class ProtocolError(PcclError, ConnectionError):
+    """A peer sent malformed, out-of-range or stale data."""
+
+
+class AuthenticationError(PcclError, ConnectionError):
+    """The other side failed the shared-secret handshake."""
+
+
+class PcclConnectionRefusedError(PcclError, ConnectionRefusedError):
+    """Nobody listens at the address."""
+
+
+class StateError(PcclError, RuntimeError):
+    """The call is not valid in the current state."""
+
+
+class BusyError(PcclError, RuntimeError):
+    """An operation with the same tag is already in flight."""
+
+
+class PcclOSError(PcclError, OSError):
+    """An operating-system error inside the native core."""
+
+
+class OutOfMemoryError(PcclError, MemoryError):
+    """The native core could not allocate memory."""
+
+
+class MasterConnectionError(PcclError, ConnectionError):
+    """The master cannot be reached, closed the connection, or was silent
+    for longer than the heartbeat timeout."""
+
+
+class EvictedError(PcclError, ConnectionError):
+    """The master removed this peer from the run (it missed a vote or a
+    ring report within the vote timeout); ``connect()`` again to rejoin."""
