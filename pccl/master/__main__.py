@@ -1,0 +1,165 @@
+"""``pccl-master`` / ``python -m pccl.master``: run the master of a pccl run."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from .protocol import parse_hostport
+
+DEFAULT_LISTEN = "0.0.0.0:48148"
+
+
+def _hostport(text: str) -> tuple[str, int]:
+    try:
+        return parse_hostport(text, allow_port_zero=True)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value < 1e9:
+        raise argparse.ArgumentTypeError(f"must be positive seconds: {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pccl-master",
+        description=(
+            "The master of a pccl run: membership, peer groups, ring order, epochs and "
+            "the outcome of every collective (it never carries tensor data). Prints "
+            "'pccl-master listening on HOST:PORT' once bound; SIGINT/SIGTERM stop it "
+            "cleanly. See docs/operations.md."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--listen",
+        type=_hostport,
+        default=DEFAULT_LISTEN,
+        metavar="HOST:PORT",
+        help="address peers connect to; port 0 picks a free port (IPv6: [::]:PORT)",
+    )
+    parser.add_argument(
+        "--secret-file",
+        metavar="PATH",
+        help="file holding the run's shared secret (its bytes, trailing newline "
+        "stripped); peers must use the same secret. Without it, anyone who reaches "
+        "the port can join",
+    )
+    parser.add_argument(
+        "--status",
+        type=_hostport,
+        default=None,
+        metavar="HOST:PORT",
+        help="serve GET /status (JSON) and /metrics (Prometheus text) here; off by default",
+    )
+    parser.add_argument(
+        "--heartbeat-interval",
+        type=_seconds,
+        default=0.5,
+        metavar="SECONDS",
+        help="how often peers send a heartbeat",
+    )
+    parser.add_argument(
+        "--heartbeat-timeout",
+        type=_seconds,
+        default=3.0,
+        metavar="SECONDS",
+        help="a peer silent this long is lost and its group's collectives are aborted; "
+        "must exceed --heartbeat-interval",
+    )
+    parser.add_argument(
+        "--vote-timeout",
+        type=_seconds,
+        default=30.0,
+        metavar="SECONDS",
+        help="a peer that does not join an update_topology vote (or report its ring "
+        "ready) this long after the round started is evicted",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="log verbosity (log lines go to stderr)",
+    )
+    return parser
+
+
+def read_secret(path: str) -> bytes:
+    with open(path, "rb") as f:
+        secret = f.read(1 << 20)
+    secret = secret.rstrip(b"\r\n")
+    if not secret:
+        raise ValueError(f"secret file {path} is empty")
+    return secret
+
+
+async def _serve(args: argparse.Namespace, secret: bytes | None) -> None:
+    from .server import MasterServer
+
+    server = MasterServer(
+        host=args.listen[0],
+        port=args.listen[1],
+        secret=secret,
+        heartbeat_interval=args.heartbeat_interval,
+        heartbeat_timeout=args.heartbeat_timeout,
+        vote_timeout=args.vote_timeout,
+        status=args.status,
+    )
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, server.request_stop)
+    try:
+        await server.start()
+        print(f"pccl-master listening on {server.address}", flush=True)
+        if server.status_address:
+            print(f"pccl-master status on {server.status_address}", flush=True)
+        await server.run()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        await server.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.heartbeat_timeout <= args.heartbeat_interval:
+        parser.error("--heartbeat-timeout must be greater than --heartbeat-interval")
+    logging.basicConfig(
+        level=args.log_level,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    secret = None
+    if args.secret_file:
+        try:
+            secret = read_secret(args.secret_file)
+        except (OSError, ValueError) as exc:
+            parser.error(f"--secret-file: {exc}")
+
+    from .server import new_event_loop
+
+    loop = new_event_loop()
+    try:
+        loop.run_until_complete(_serve(args, secret))
+    except OSError as exc:
+        print(f"pccl-master: cannot listen: {exc}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,558 @@
+"""The master's membership state machine: plain Python, no I/O, no clock.
+
+The server feeds it events (a verified hello, a validated message, a closed
+connection, the passing of time) and carries out what each call returns: an
+:class:`Actions` with the messages to send, the connections to close and the
+membership events to log.  ``now`` is always a monotonic time in seconds.
+
+Invariants (see docs/protocol.md for the wire side):
+
+* A peer is *pending* from its welcome until a vote round (or an empty run)
+  admits it; then *admitted* until it leaves, is lost or is evicted.
+* ``epoch`` changes only when a round completes with a change: membership
+  changed since the last epoch or some voter reported a broken ring.  The
+  ring of each group is fixed for an epoch.
+* A group whose ring lost a member (or whose operation failed) is *broken*
+  for the rest of the epoch: its open operations and every later one at that
+  epoch are decided not ok, so every member learns the same verdict.
+* An operation ``(group, epoch, tag, seq)`` is decided at most once.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+PENDING = "pending"
+ADMITTED = "admitted"
+
+OpKey = tuple[int, int, int, int]  # (group, epoch, tag, seq)
+
+
+@dataclass
+class Peer:
+    peer_id: str
+    remote: str  # the address the master sees, for logs
+    p2p_address: str  # the address the peer advertises to its ring neighbours
+    group: int
+    p2p_connections: int
+    joined_at: float
+    last_seen: float
+    serial: int  # join order
+    state: str = PENDING
+    admitted_epoch: int | None = None
+
+
+@dataclass(frozen=True)
+class Event:
+    """One membership change, logged and kept for /status."""
+
+    kind: str  # joined | admitted | evicted | lost | left | epoch
+    at: float
+    epoch: int
+    peer_id: str | None = None
+    remote: str | None = None
+    p2p_address: str | None = None
+    group: int | None = None
+    reason: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+@dataclass
+class Actions:
+    """What the server must do after a state-machine call, in order."""
+
+    sends: list[tuple[str, dict]] = field(default_factory=list)
+    closes: list[tuple[str, str]] = field(default_factory=list)  # (peer_id, reason)
+    events: list[Event] = field(default_factory=list)
+
+    def send(self, peer_id: str, msg: dict) -> None:
+        self.sends.append((peer_id, msg))
+
+    def close(self, peer_id: str, reason: str) -> None:
+        self.closes.append((peer_id, reason))
+
+    def messages_for(self, peer_id: str) -> list[dict]:
+        """The messages queued for one peer (a test convenience)."""
+        return [m for p, m in self.sends if p == peer_id]
+
+
+@dataclass
+class Op:
+    expected: frozenset[str]
+    reporters: list[str] = field(default_factory=list)
+    reported_ok: set[str] = field(default_factory=set)
+    outcome: bool | None = None
+
+
+class MasterState:
+    """Membership, rings, epochs, votes and operation outcomes."""
+
+    def __init__(
+        self,
+        *,
+        heartbeat_interval: float = 0.5,
+        heartbeat_timeout: float = 3.0,
+        vote_timeout: float = 30.0,
+        max_open_ops: int = 1024,
+        max_decided_ops: int = 65536,
+        max_events: int = 100,
+    ):
+        if not 0 < heartbeat_interval < heartbeat_timeout:
+            raise ValueError("need 0 < heartbeat_interval < heartbeat_timeout")
+        if vote_timeout <= 0:
+            raise ValueError("vote_timeout must be positive")
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_timeout = heartbeat_timeout
+        self.vote_timeout = vote_timeout
+        self.max_open_ops = max_open_ops
+        self.max_decided_ops = max_decided_ops
+
+        self.peers: dict[str, Peer] = {}  # insertion order is join order
+        self.epoch = 0
+        self.rings: dict[int, list[str]] = {}  # group -> ring at this epoch
+        self.broken: set[int] = set()  # groups whose ring broke during this epoch
+        self._membership_changed = False
+        self._serial = itertools.count(1)
+
+        # The open vote round: admitted voter -> (req, ring_ok).
+        self.votes: dict[str, tuple[int, bool]] = {}
+        self.vote_deadline: float | None = None
+
+        # The ring-ready phase after a changed topology.
+        self.ring_phase_epoch: int | None = None
+        self.ring_waiting: set[str] = set()
+        self.ring_phase_ok = True
+        self.ring_deadline: float | None = None
+
+        self.ops: OrderedDict[OpKey, Op] = OrderedDict()
+        self._open_ops: dict[int, int] = {}  # group -> undecided ops
+        self._decided: deque[OpKey] = deque()
+
+        self.events: deque[Event] = deque(maxlen=max_events)
+        self.counters = {
+            "ops_ok": 0,
+            "ops_aborted": 0,
+            "peers_joined": 0,
+            "peers_admitted": 0,
+            "peers_lost": 0,
+            "peers_evicted": 0,
+            "peers_left": 0,
+        }
+
+    # ------------------------------------------------------------------
+    # Queries.
+
+    def admitted(self) -> list[Peer]:
+        return [p for p in self.peers.values() if p.state == ADMITTED]
+
+    def pending(self) -> list[Peer]:
+        return [p for p in self.peers.values() if p.state == PENDING]
+
+    def peers_pending(self) -> bool:
+        return any(p.state == PENDING for p in self.peers.values())
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        """A JSON-ready view for /status."""
+        return {
+            "epoch": self.epoch,
+            "world_size": len(self.admitted()),
+            "peers": [
+                {
+                    "peer_id": p.peer_id,
+                    "state": p.state,
+                    "group": p.group,
+                    "address": p.remote,
+                    "p2p_address": p.p2p_address,
+                    "p2p_connections": p.p2p_connections,
+                    "last_heartbeat_age": round(max(0.0, now - p.last_seen), 3),
+                    "connected_for": round(max(0.0, now - p.joined_at), 3),
+                }
+                for p in self.peers.values()
+            ],
+            "groups": [
+                {"group": g, "ring": list(ring), "broken": g in self.broken}
+                for g, ring in sorted(self.rings.items())
+            ],
+            "vote": {
+                "open": self.vote_deadline is not None,
+                "voted": sorted(self.votes),
+                "deadline_in": None
+                if self.vote_deadline is None
+                else round(self.vote_deadline - now, 3),
+            },
+            "ring_phase": None
+            if self.ring_phase_epoch is None
+            else {"epoch": self.ring_phase_epoch, "waiting": sorted(self.ring_waiting)},
+            "open_ops": sum(self._open_ops.values()),
+            "counters": dict(self.counters),
+            "events": [dict(e.as_dict(), age=round(now - e.at, 3)) for e in self.events],
+        }
+
+    # ------------------------------------------------------------------
+    # Events in.
+
+    def hello(
+        self,
+        *,
+        remote: str,
+        p2p_address: str,
+        peer_group: int,
+        p2p_connections: int,
+        welcome_mac: bytes,
+        now: float,
+    ) -> tuple[str, Actions]:
+        """A peer passed the handshake: welcome it as pending (admitted at
+        once when the run has no admitted peer)."""
+        acts = Actions()
+        serial = next(self._serial)
+        peer_id = f"p{serial}"
+        peer = Peer(
+            peer_id=peer_id,
+            remote=remote,
+            p2p_address=p2p_address,
+            group=peer_group,
+            p2p_connections=p2p_connections,
+            joined_at=now,
+            last_seen=now,
+            serial=serial,
+        )
+        self.peers[peer_id] = peer
+        self.counters["peers_joined"] += 1
+        acts.send(
+            peer_id,
+            {
+                "type": "welcome",
+                "peer_id": peer_id,
+                "mac": welcome_mac,
+                "heartbeat_interval": float(self.heartbeat_interval),
+                "heartbeat_timeout": float(self.heartbeat_timeout),
+            },
+        )
+        self._event(acts, "joined", now, peer)
+        self._maybe_complete_round(now, acts)
+        return peer_id, acts
+
+    def handle(self, peer_id: str, msg: dict, now: float) -> Actions:
+        """A validated message from a welcomed peer."""
+        acts = Actions()
+        peer = self.peers.get(peer_id)
+        if peer is None:  # already removed; its connection is closing
+            return acts
+        peer.last_seen = now
+        kind = msg["type"]
+        if kind == "heartbeat":
+            acts.send(peer_id, {"type": "heartbeat_ack"})
+        elif kind == "pending_query":
+            acts.send(
+                peer_id,
+                {"type": "pending_reply", "req": msg["req"], "pending": self.peers_pending()},
+            )
+        elif kind == "update_topology":
+            self._vote(peer, msg["req"], msg["ring_ok"], now, acts)
+        elif kind == "ring_ready":
+            self._ring_ready(peer, msg["epoch"], msg["ok"], now, acts)
+        elif kind == "op_done":
+            self._op_done(peer, msg["epoch"], msg["tag"], msg["seq"], msg["ok"], now, acts)
+        elif kind == "leave":
+            self._remove(peer, "left", "peer left", now, acts)
+        else:  # hello after welcome, or a type validate() let through by mistake
+            self._remove(peer, "lost", f"unexpected {kind!r} message", now, acts)
+        return acts
+
+    def disconnect(self, peer_id: str, reason: str, now: float) -> Actions:
+        """The connection of a welcomed peer closed or broke the protocol."""
+        acts = Actions()
+        peer = self.peers.get(peer_id)
+        if peer is not None:
+            self._remove(peer, "lost", reason, now, acts)
+        return acts
+
+    def tick(self, now: float) -> Actions:
+        """Time passed: silent peers are lost, overdue votes and ring
+        reports are evicted."""
+        acts = Actions()
+        deadline = now - self.heartbeat_timeout
+        for peer in [p for p in self.peers.values() if p.last_seen < deadline]:
+            if peer.peer_id in self.peers:
+                silent = now - peer.last_seen
+                self._remove(peer, "lost", f"silent for {silent:.2f} s", now, acts)
+        if self.ring_deadline is not None and now >= self.ring_deadline:
+            for pid in sorted(self.ring_waiting):
+                peer = self.peers.get(pid)
+                if peer is not None:
+                    reason = "no ring_ready within the vote timeout"
+                    self._remove(peer, "evicted", reason, now, acts, settle=False)
+            self._finish_ring_phase(False, now, acts)
+        if (
+            self.vote_deadline is not None
+            and now >= self.vote_deadline
+            and self.ring_phase_epoch is None
+        ):
+            # The voters are idle, waiting for their topology: no abort needed.
+            for peer in self.admitted():
+                if peer.peer_id not in self.votes:
+                    reason = "did not vote within the vote timeout"
+                    self._remove(peer, "evicted", reason, now, acts, settle=False, abort=False)
+            self._maybe_complete_round(now, acts)
+        return acts
+
+    # ------------------------------------------------------------------
+    # Votes and topology.
+
+    def _vote(self, peer: Peer, req: int, ring_ok: bool, now: float, acts: Actions) -> None:
+        if peer.state != ADMITTED:
+            # A pending peer has no vote; it waits for its topology.
+            return
+        self.votes[peer.peer_id] = (req, ring_ok)
+        if self.vote_deadline is None:
+            self.vote_deadline = now + self.vote_timeout
+        self._maybe_complete_round(now, acts)
+
+    def _maybe_complete_round(self, now: float, acts: Actions) -> None:
+        if self.ring_phase_epoch is not None:
+            return  # votes wait until the current ring is ready
+        admitted = self.admitted()
+        if admitted:
+            if not self.votes:
+                self.vote_deadline = None  # every voter is gone: no round is open
+            elif all(p.peer_id in self.votes for p in admitted):
+                self._complete_round(now, acts)
+        elif self.peers_pending():
+            self._complete_round(now, acts)  # nobody to ask: admit at once
+        else:
+            self.votes.clear()
+            self.vote_deadline = None
+
+    def _complete_round(self, now: float, acts: Actions) -> None:
+        votes, self.votes, self.vote_deadline = self.votes, {}, None
+        newcomers = self.pending()
+        changed = (
+            bool(newcomers)
+            or self._membership_changed
+            or any(not ok for _, ok in votes.values())
+            or self.epoch == 0
+        )
+        if changed:
+            self.epoch += 1
+            self._membership_changed = False
+            self.broken.clear()
+            for peer in newcomers:
+                peer.state = ADMITTED
+                peer.admitted_epoch = self.epoch
+                self.counters["peers_admitted"] += 1
+                self._event(acts, "admitted", now, peer)
+            self.rings = {}
+            for peer in sorted(self.admitted(), key=lambda p: p.serial):  # join order
+                self.rings.setdefault(peer.group, []).append(peer.peer_id)
+            self._event(
+                acts,
+                "epoch",
+                now,
+                None,
+                reason="rings "
+                + "; ".join(f"group {g}: {' '.join(r)}" for g, r in sorted(self.rings.items())),
+            )
+            self._prune_ops()
+            self.ring_phase_epoch = self.epoch
+            self.ring_waiting = {p.peer_id for p in self.admitted()}
+            self.ring_phase_ok = True
+            self.ring_deadline = now + self.vote_timeout
+        world_size = len(self.admitted())
+        for peer in self.admitted():
+            vote = votes.get(peer.peer_id)
+            ring = self.rings[peer.group]
+            rank = ring.index(peer.peer_id)
+            successor = self.peers.get(ring[(rank + 1) % len(ring)])
+            acts.send(
+                peer.peer_id,
+                {
+                    "type": "topology",
+                    "req": None if vote is None else vote[0],
+                    "epoch": self.epoch,
+                    "changed": changed,
+                    "rank": rank,
+                    "world_size": world_size,
+                    "group_world_size": len(ring),
+                    "next": successor.p2p_address if len(ring) > 1 and successor else None,
+                    "ring": list(ring),
+                },
+            )
+
+    def _ring_ready(self, peer: Peer, epoch: int, ok: bool, now: float, acts: Actions) -> None:
+        if epoch != self.ring_phase_epoch or peer.peer_id not in self.ring_waiting:
+            return  # stale or duplicate report
+        self.ring_waiting.discard(peer.peer_id)
+        if not ok:
+            self.ring_phase_ok = False
+            self.broken.add(peer.group)
+        if not self.ring_waiting:
+            self._finish_ring_phase(self.ring_phase_ok, now, acts)
+
+    def _finish_ring_phase(self, ok: bool, now: float, acts: Actions) -> None:
+        epoch = self.ring_phase_epoch
+        if epoch is None:
+            return
+        self.ring_phase_epoch = None
+        self.ring_waiting = set()
+        self.ring_deadline = None
+        if not ok:
+            self.broken.update(self.rings)
+        for peer in self.admitted():
+            acts.send(peer.peer_id, {"type": "topology_ready", "epoch": epoch, "ok": ok})
+        self._maybe_complete_round(now, acts)
+
+    # ------------------------------------------------------------------
+    # Operation outcomes.
+
+    def _op_done(
+        self, peer: Peer, epoch: int, tag: int, seq: int, ok: bool, now: float, acts: Actions
+    ) -> None:
+        key = (peer.group, epoch, tag, seq)
+        op = self.ops.get(key)
+        if op is not None and op.outcome is not None:
+            self._reply_outcome(peer.peer_id, key, op.outcome, acts)
+            return
+        ring = self.rings.get(peer.group, [])
+        if peer.state != ADMITTED or epoch != self.epoch or peer.peer_id not in ring:
+            # Not a member of that ring at that epoch: nothing to agree on.
+            self._reply_outcome(peer.peer_id, key, False, acts)
+            return
+        if op is None:
+            if peer.group in self.broken:
+                # The ring broke earlier in this epoch: this operation cannot
+                # have completed everywhere.  Record it so everyone agrees.
+                op = Op(expected=frozenset(ring), reporters=[peer.peer_id])
+                self.ops[key] = op
+                self._open_ops[peer.group] = self._open_ops.get(peer.group, 0) + 1
+                self._decide(key, op, False, acts)
+                return
+            if self._open_ops.get(peer.group, 0) >= self.max_open_ops:
+                self._remove(peer, "lost", "too many open operations", now, acts)
+                return
+            op = Op(expected=frozenset(ring))
+            self.ops[key] = op
+            self._open_ops[peer.group] = self._open_ops.get(peer.group, 0) + 1
+        if peer.peer_id not in op.reporters:
+            op.reporters.append(peer.peer_id)
+        if not ok:
+            self._decide(key, op, False, acts)
+            reason = f"operation tag={tag} seq={seq} failed on {peer.peer_id}"
+            self._break_group(peer.group, reason, acts)
+        else:
+            op.reported_ok.add(peer.peer_id)
+            if op.expected <= op.reported_ok:
+                self._decide(key, op, True, acts)
+
+    def _reply_outcome(self, peer_id: str, key: OpKey, ok: bool, acts: Actions) -> None:
+        _, epoch, tag, seq = key
+        acts.send(peer_id, {"type": "op_outcome", "epoch": epoch, "tag": tag, "seq": seq, "ok": ok})
+
+    def _decide(self, key: OpKey, op: Op, ok: bool, acts: Actions) -> None:
+        op.outcome = ok
+        self._open_ops[key[0]] -= 1
+        self.counters["ops_ok" if ok else "ops_aborted"] += 1
+        for pid in op.reporters:
+            if pid in self.peers:
+                self._reply_outcome(pid, key, ok, acts)
+        self._decided.append(key)
+        while len(self._decided) > self.max_decided_ops:
+            self.ops.pop(self._decided.popleft(), None)
+
+    def _break_group(
+        self,
+        group: int,
+        reason: str,
+        acts: Actions,
+        only_unreported: str = "",
+        abort: bool = True,
+    ) -> bool:
+        """Mark the group's ring broken for this epoch and decide its open
+        operations not ok (with ``only_unreported``, only those that peer had
+        not reported ok).  Returns whether any operation was decided."""
+        self.broken.add(group)
+        decided = False
+        for key, op in list(self.ops.items()):
+            if key[0] != group or key[1] != self.epoch or op.outcome is not None:
+                continue
+            if only_unreported and only_unreported in op.reported_ok:
+                continue
+            self._decide(key, op, False, acts)
+            decided = True
+        if abort and not only_unreported:
+            self._send_abort(group, reason, acts)
+        return decided
+
+    def _send_abort(self, group: int, reason: str, acts: Actions) -> None:
+        for peer in self.admitted():
+            if peer.group == group:
+                acts.send(peer.peer_id, {"type": "abort", "epoch": self.epoch, "reason": reason})
+
+    def _prune_ops(self) -> None:
+        # Outcomes are kept for the current and the previous epoch only.
+        for key in [k for k in self.ops if k[1] < self.epoch - 1]:
+            op = self.ops.pop(key)
+            if op.outcome is None:
+                self._open_ops[key[0]] -= 1
+        self._decided = deque(k for k in self._decided if k in self.ops)
+
+    # ------------------------------------------------------------------
+    # Removal.
+
+    def _remove(
+        self,
+        peer: Peer,
+        kind: str,
+        reason: str,
+        now: float,
+        acts: Actions,
+        *,
+        settle: bool = True,
+        abort: bool = True,
+    ) -> None:
+        """Take a peer out of the run: ``kind`` is lost, evicted or left.
+        With ``settle`` false the caller finishes the ring phase and the vote
+        round itself (it is removing several peers at once)."""
+        del self.peers[peer.peer_id]
+        self.votes.pop(peer.peer_id, None)
+        self.counters[f"peers_{kind}"] += 1
+        if kind == "evicted":
+            acts.send(peer.peer_id, {"type": "evicted", "reason": reason})
+        acts.close(peer.peer_id, reason)
+        self._event(acts, kind, now, peer, reason=reason)
+        if peer.state == ADMITTED:
+            self._membership_changed = True
+            if peer.peer_id in self.rings.get(peer.group, ()):
+                if kind == "left":
+                    # A clean leave fails only the operations it walked out of.
+                    if self._break_group(peer.group, reason, acts, only_unreported=peer.peer_id):
+                        self._send_abort(peer.group, f"{peer.peer_id} left mid-operation", acts)
+                else:
+                    self._break_group(
+                        peer.group, f"{peer.peer_id} {kind}: {reason}", acts, abort=abort
+                    )
+            # A ring that lost a member cannot be ready, reported or not.
+            if settle and self.ring_phase_epoch is not None:
+                self._finish_ring_phase(False, now, acts)
+        if settle:
+            self._maybe_complete_round(now, acts)
+
+    def _event(
+        self, acts: Actions, kind: str, now: float, peer: Peer | None, reason: str | None = None
+    ) -> None:
+        event = Event(
+            kind=kind,
+            at=now,
+            epoch=self.epoch,
+            peer_id=peer.peer_id if peer else None,
+            remote=peer.remote if peer else None,
+            p2p_address=peer.p2p_address if peer else None,
+            group=peer.group if peer else None,
+            reason=reason,
+        )
+        self.events.append(event)
+        acts.events.append(event)
