@@ -1,0 +1,726 @@
+"""``pccl.Communicator``: a peer of a master-run job with dynamic membership.
+
+The communicator joins a run through ``pccl-master``, builds the native
+ring the master assigns to its peer group, and runs collectives on it.  The
+master never sees tensor bytes; it decides membership (at
+``update_topology()`` votes), detects lost peers and rules on every
+collective's outcome, so that every survivor of a failed operation raises
+:class:`pccl.PeerLostError` for the same operation with its input unchanged.
+
+The protocol is in docs/protocol.md; what a training loop sees and must do
+is in docs/failure-semantics.md.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from . import errors
+from ._control import MasterLink
+from ._native import NativeComm, buffer_info
+from .master.protocol import format_hostport, parse_hostport
+from .types import Quantization, ReduceInfo, ReduceOp
+
+log = logging.getLogger("pccl.communicator")
+
+_ANY_HOST = {"0.0.0.0", "::", ""}
+# Errors that say the caller passed something wrong: raised at once, never
+# reported to the master (every peer of a job makes the same calls, so the
+# others fail the same way).
+_USAGE_ERRORS = (
+    errors.InvalidArgumentError,
+    errors.NotSupportedError,
+    errors.BusyError,
+    errors.ClosedError,
+)
+
+
+class ReduceHandle:
+    """An all-reduce started by :meth:`Communicator.all_reduce_async`.
+
+    ``wait()`` blocks until the native operation ends, reports it to the
+    master and waits for the verdict.  On success the result is written
+    (into ``x`` for an in-place reduction) and the :class:`ReduceInfo` is
+    returned; otherwise :class:`pccl.PeerLostError` (or the master link's
+    error) is raised and ``x`` is unchanged.  Calling ``wait()`` again
+    returns or raises the same.
+    """
+
+    __slots__ = (
+        "_comm",
+        "_link",
+        "_native_handle",
+        "_start_error",
+        "_x",
+        "_scratch",
+        "_key",
+        "_result",
+        "_lock",
+    )
+
+    def __init__(self, comm, link, native_handle, start_error, x, scratch, key):
+        self._comm = comm
+        self._link = link
+        self._native_handle = native_handle
+        self._start_error = start_error
+        self._x = x
+        self._scratch = scratch  # reduced into, copied to x on success (in place)
+        self._key = key  # (epoch, tag, seq)
+        self._result: ReduceInfo | BaseException | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def tag(self) -> int:
+        return self._key[1]
+
+    def done(self) -> bool:
+        """True once ``wait()`` has returned or raised."""
+        return self._result is not None
+
+    def wait(self) -> ReduceInfo:
+        """The operation's :class:`ReduceInfo`, once the master agreed it
+        succeeded on every member of the group."""
+        with self._lock:
+            if self._result is None:
+                try:
+                    self._result = self._finish()
+                except BaseException as exc:  # noqa: B036 - remembered, re-raised below
+                    self._result = exc
+                finally:
+                    self._native_handle = None
+        if isinstance(self._result, BaseException):
+            raise self._result
+        return self._result
+
+    def _finish(self) -> ReduceInfo:
+        local_error = self._start_error
+        info = None
+        if self._native_handle is not None:
+            try:
+                info = self._native_handle.wait()
+            except errors.PcclError as exc:
+                local_error = exc
+        epoch, tag, seq = self._key
+        if local_error is not None:
+            log.info(
+                "%s: all_reduce (tag %d, seq %d, epoch %d) failed here: %s",
+                self._comm._peer_id,
+                tag,
+                seq,
+                epoch,
+                local_error,
+            )
+        key = ("op", epoch, tag, seq)
+        comm, link = self._comm, self._link
+        try:
+            fut = link.expect(key)
+            link.send(
+                {
+                    "type": "op_done",
+                    "epoch": epoch,
+                    "tag": tag,
+                    "seq": seq,
+                    "ok": local_error is None,
+                }
+            )
+            verdict = link.wait(key, fut, None, "all_reduce outcome")
+        except errors.PcclError as exc:
+            comm._ring_broken = True
+            comm._release_scratch(tag, self._scratch)
+            raise exc from local_error
+        if local_error is not None or not verdict["ok"]:
+            comm._ring_broken = True
+            comm._release_scratch(tag, self._scratch)
+            why = f"this peer: {local_error}" if local_error else "another peer failed or was lost"
+            raise errors.PeerLostError(
+                f"all_reduce (tag {tag}, seq {seq}, epoch {epoch}) failed on the group ({why}); "
+                "inputs are unchanged: call update_topology() and retry"
+            ) from local_error
+        if self._scratch is not None:
+            _copy_into(self._x, self._scratch)
+            comm._release_scratch(tag, self._scratch)
+        assert info is not None
+        return info
+
+
+class Communicator:
+    """A peer of a ``pccl-master`` run (see DESIGN.md section 3).
+
+    ``master`` is the master's ``"host:port"``.  Peers of one
+    ``peer_group`` reduce together; all groups share membership votes.
+    ``p2p_connections`` TCP connections per ring neighbour carry each
+    operation striped.  ``secret`` (bytes or str) authenticates this peer
+    to the master and to its ring neighbours.
+
+    Keyword-only settings:
+
+    * ``listen`` - where the ring listener binds (default: the interface
+      that reaches the master, port 0).
+    * ``advertise`` - the ``"host:port"`` ring neighbours dial (default:
+      the bound address; give it behind NAT or with ``listen="0.0.0.0:P"``).
+    * ``connect_timeout`` - TCP connect and handshake with the master.
+    * ``ring_timeout`` - building the ring after a topology change.
+    * ``progress_timeout`` - a collective whose ring moves no byte this
+      long fails locally (the master's heartbeat timeout normally acts
+      first); None: never.
+    * ``max_topology_attempts`` - failed ring builds in a row before
+      ``connect``/``update_topology`` give up.
+    """
+
+    def __init__(
+        self,
+        master: str,
+        peer_group: int = 0,
+        p2p_connections: int = 4,
+        secret: bytes | str | None = None,
+        *,
+        listen: str | None = None,
+        advertise: str | None = None,
+        connect_timeout: float = 10.0,
+        ring_timeout: float = 30.0,
+        progress_timeout: float | None = 60.0,
+        slice_bytes: int | None = None,
+        max_topology_attempts: int = 5,
+    ):
+        try:
+            parse_hostport(master)
+        except ValueError as exc:
+            raise errors.AddressError(f"master: {exc}") from None
+        if not isinstance(peer_group, int) or isinstance(peer_group, bool) or peer_group < 0:
+            raise errors.InvalidArgumentError(f"peer_group must be an int >= 0, got {peer_group!r}")
+        if advertise is not None:
+            try:
+                parse_hostport(advertise)
+            except ValueError as exc:
+                raise errors.AddressError(f"advertise: {exc}") from None
+        if isinstance(secret, str):
+            secret = secret.encode()
+        if secret is not None and not secret:
+            raise errors.InvalidArgumentError("secret must not be empty")
+        self._master = master
+        self._peer_group = peer_group
+        self._p2p_connections = p2p_connections
+        self._secret = secret
+        self._listen = listen
+        self._advertise = advertise
+        self._connect_timeout = connect_timeout
+        self._ring_timeout = ring_timeout
+        self._progress_timeout = progress_timeout
+        self._slice_bytes = slice_bytes
+        self._max_topology_attempts = max(1, max_topology_attempts)
+
+        self._native: NativeComm | None = None
+        self._link: MasterLink | None = None
+        self._closed = False
+        self._admitted = False
+        self._peer_id: str | None = None
+        self._req = itertools.count(1)
+        # Ring state.  _epoch_floor: the newest epoch this peer has a ring
+        # of or is building one for (aborts of older epochs are stale).
+        self._ring_epoch: int | None = None
+        self._ring_broken = True
+        self._epoch_floor = 0
+        self._aborted_epoch = -1
+        self._rank = 0
+        self._ring: list[str] = []
+        self._world_size = 0
+        self._group_world_size = 0
+        # Operations: the n-th op with a tag in an epoch has seq n, exactly
+        # as the native core counts them (it restarts with every set_ring).
+        self._op_lock = threading.Lock()
+        self._seq: dict[int, int] = {}
+        self._scratch: dict[int, Any] = {}
+
+    # ------------------------------------------------------------------
+    # Properties.
+
+    @property
+    def world_size(self) -> int:
+        """Admitted peers in the whole run (all groups), as of the last topology."""
+        return self._world_size
+
+    @property
+    def group_world_size(self) -> int:
+        """Peers in this peer group's ring, as of the last topology."""
+        return self._group_world_size
+
+    @property
+    def rank(self) -> int:
+        """This peer's position in its group's ring."""
+        return self._rank
+
+    @property
+    def peer_group(self) -> int:
+        return self._peer_group
+
+    @property
+    def peer_id(self) -> str | None:
+        """The id the master gave this peer (None before ``connect``)."""
+        return self._peer_id
+
+    @property
+    def epoch(self) -> int | None:
+        """The epoch of the ring in use (None without a working ring)."""
+        return self._ring_epoch
+
+    @property
+    def p2p_address(self) -> str | None:
+        """The address the ring listener is bound to."""
+        return None if self._native is None else self._native.address
+
+    # ------------------------------------------------------------------
+    # Membership.
+
+    def connect(self, timeout: float | None = None) -> None:
+        """Join the run and block until admitted with a working ring.
+
+        The first peer of a run is admitted at once; later ones when the
+        admitted peers next complete an ``update_topology()`` vote.  Raises
+        :class:`pccl.PcclTimeoutError` when ``timeout`` seconds pass first
+        (the peer then leaves again), :class:`pccl.MasterConnectionError`,
+        :class:`pccl.AuthenticationError`.  After an
+        :class:`pccl.EvictedError` or a lost master connection, calling
+        ``connect()`` again rejoins as a newcomer.
+        """
+        self._check_open()
+        if self._admitted and self._link is not None and not self._link.failed:
+            return
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._drop_link(leave=False)
+        link = MasterLink(*_weak_callbacks(self))
+        local_host = link.open_socket(self._master, self._bounded(deadline, self._connect_timeout))
+        try:
+            if self._native is None:
+                listen = self._listen or format_hostport(local_host, 0)
+                self._native = NativeComm(
+                    listen=listen,
+                    p2p_connections=self._p2p_connections,
+                    secret=self._secret,
+                    slice_bytes=self._slice_bytes,
+                    progress_timeout=self._progress_timeout,
+                )
+            welcome = link.handshake(
+                peer_group=self._peer_group,
+                p2p_address=self._advertise or self._advertised(local_host),
+                p2p_connections=self._p2p_connections,
+                secret=self._secret,
+                timeout=self._bounded(deadline, self._connect_timeout),
+            )
+        except BaseException:
+            link.close(leave=False)
+            raise
+        self._link = link
+        self._peer_id = welcome.peer_id
+        self._ring_epoch = None
+        self._ring_broken = True
+        self._epoch_floor = 0
+        self._aborted_epoch = -1
+        log.info(
+            "connected to %s as %s (group %d), waiting for admission",
+            self._master,
+            welcome.peer_id,
+            self._peer_group,
+        )
+        try:
+            key = ("admit",)
+            topology = link.wait(key, link.expect(key), self._remaining(deadline), "admission")
+            self._admitted = True
+            self._settle(topology, deadline)
+        except BaseException:
+            self._drop_link(leave=True)
+            raise
+
+    def update_topology(self, timeout: float | None = None) -> None:
+        """Vote for a new topology and block until the master completes it.
+
+        Every admitted peer must call this (a unanimous vote) before
+        pending peers are admitted; a peer that does not within the
+        master's vote timeout is evicted.  Reports whether this peer's
+        ring broke (after a :class:`pccl.PeerLostError`); if the topology
+        changed, rebuilds the ring before returning.
+        """
+        self._check_connected()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        topology = self._vote(not self._ring_broken, deadline)
+        self._settle(topology, deadline)
+
+    def are_peers_pending(self) -> bool:
+        """Whether peers wait to be admitted at the next ``update_topology()``."""
+        link = self._check_connected()
+        req = next(self._req)
+        key = ("req", req)
+        fut = link.expect(key)
+        link.send({"type": "pending_query", "req": req})
+        return bool(link.wait(key, fut, None, "pending_query")["pending"])
+
+    def _vote(self, ring_ok: bool, deadline: float | None) -> dict:
+        link = self._check_connected()
+        req = next(self._req)
+        key = ("req", req)
+        fut = link.expect(key)
+        link.send({"type": "update_topology", "req": req, "ring_ok": bool(ring_ok)})
+        try:
+            return link.wait(key, fut, self._remaining(deadline), "update_topology")
+        except errors.PcclTimeoutError:
+            link.forget(key)
+            raise
+
+    def _settle(self, topology: dict, deadline: float | None) -> None:
+        """Install ``topology``; on a failed ring build vote again (the
+        master rebuilds every ring at a new epoch), a bounded number of times."""
+        for _ in range(self._max_topology_attempts):
+            if self._install(topology, deadline):
+                return
+            topology = self._vote(False, deadline)
+        raise errors.RingBrokenError(
+            f"the ring could not be built in {self._max_topology_attempts} attempts "
+            "(see the log for each failure)"
+        )
+
+    def _install(self, topology: dict, deadline: float | None) -> bool:
+        link = self._check_connected()
+        self._world_size = topology["world_size"]
+        if not topology["changed"]:
+            # Same epoch, same ring: nothing to rebuild or report.
+            return True
+        epoch = topology["epoch"]
+        native = self._native
+        assert native is not None
+        with self._op_lock:
+            self._epoch_floor = max(self._epoch_floor, epoch)
+            self._ring_epoch = None
+            self._ring_broken = True
+            self._seq.clear()
+        ok = False
+        if self._aborted_epoch < epoch:
+            try:
+                native.set_ring(
+                    epoch,
+                    topology["rank"],
+                    topology["group_world_size"],
+                    topology["next"],
+                    timeout=self._bounded(deadline, self._ring_timeout),
+                )
+                ok = self._aborted_epoch < epoch  # an abort may race the build
+            except errors.PcclError as exc:
+                log.warning("%s: ring of epoch %d failed: %s", self._peer_id, epoch, exc)
+        key = ("ready", epoch)
+        fut = link.expect(key)
+        link.send({"type": "ring_ready", "epoch": epoch, "ok": ok})
+        ready = link.wait(key, fut, self._remaining(deadline), "topology_ready")
+        if not (ok and ready["ok"]):
+            log.info("%s: topology of epoch %d not ready, voting again", self._peer_id, epoch)
+            return False
+        with self._op_lock:
+            if self._aborted_epoch < epoch:
+                self._ring_epoch = epoch
+                self._ring_broken = False
+            self._rank = topology["rank"]
+            self._ring = list(topology["ring"])
+            self._group_world_size = topology["group_world_size"]
+        log.info(
+            "%s: epoch %d, rank %d of %d in group %d (world %d)",
+            self._peer_id,
+            epoch,
+            self._rank,
+            self._group_world_size,
+            self._peer_group,
+            self._world_size,
+        )
+        return True
+
+    # ------------------------------------------------------------------
+    # Collectives.
+
+    def all_reduce(
+        self, x, out=None, op=ReduceOp.SUM, quantization=Quantization.NONE, tag: int = 0
+    ) -> ReduceInfo:
+        """Reduce ``x`` over this peer group into ``out`` (in place when None).
+
+        Returns once the master agreed that every member succeeded; raises
+        :class:`pccl.PeerLostError` on every member otherwise, with ``x``
+        unchanged (``out`` may then hold anything).
+        """
+        return self.all_reduce_async(x, out, op=op, quantization=quantization, tag=tag).wait()
+
+    def all_reduce_async(
+        self, x, out=None, op=ReduceOp.SUM, quantization=Quantization.NONE, tag: int = 0
+    ) -> ReduceHandle:
+        """Start an all-reduce; ``handle.wait()`` gives what :meth:`all_reduce`
+        would.  Concurrent operations need distinct tags."""
+        link = self._check_connected()
+        native = self._native
+        assert native is not None
+        if not isinstance(tag, int) or isinstance(tag, bool) or not 0 <= tag < 2**63:
+            raise errors.InvalidArgumentError(f"tag must be an int in [0, 2**63), got {tag!r}")
+        src_addr = buffer_info(x, "x")[0]
+        if out is None or out is x or buffer_info(out, "out", writable=True)[0] == src_addr:
+            # In place: reduce into scratch, so x is written only after the
+            # master's verdict (the core would write x on its own success).
+            scratch = self._take_scratch(tag, x)
+            dst = scratch
+        else:
+            scratch = None
+            dst = out
+        with self._op_lock:
+            epoch = self._ring_epoch if self._ring_epoch is not None else self._epoch_floor
+            seq = self._seq.get(tag, 0)
+            start_error = None
+            native_handle = None
+            try:
+                native_handle = native.all_reduce_async(
+                    x, dst, op=op, quantization=quantization, tag=tag
+                )
+            except _USAGE_ERRORS:
+                self._release_scratch(tag, scratch)
+                raise
+            except errors.PcclError as exc:  # the ring is broken or aborted
+                start_error = exc
+            self._seq[tag] = seq + 1
+        return ReduceHandle(self, link, native_handle, start_error, x, scratch, (epoch, tag, seq))
+
+    def all_reduce_many(
+        self,
+        tensors: Sequence,
+        op=ReduceOp.SUM,
+        quantization=Quantization.NONE,
+        max_in_flight: int = 8,
+        max_retries: int = 3,
+    ) -> list[ReduceInfo]:
+        """Reduce every tensor in place, up to ``max_in_flight`` at once
+        (tensor ``i`` uses tag ``i``).
+
+        When a peer is lost, the operations that succeeded keep their
+        results; the others are retried after ``update_topology()``, at
+        most ``max_retries`` times, after which :class:`pccl.PeerLostError`
+        is raised (the tensors not yet reduced are unchanged).
+        """
+        if max_in_flight < 1:
+            raise errors.InvalidArgumentError(f"max_in_flight must be >= 1, got {max_in_flight}")
+        results: list[ReduceInfo | None] = [None] * len(tensors)
+        todo = list(range(len(tensors)))
+        attempt = 0
+        while todo:
+            failed, error = self._reduce_round(
+                tensors, todo, results, op, quantization, max_in_flight
+            )
+            if not failed:
+                break
+            attempt += 1
+            if attempt > max_retries:
+                raise errors.PeerLostError(
+                    f"all_reduce_many: {len(failed)} of {len(tensors)} tensors still failed "
+                    f"after {max_retries} retries; they are unchanged"
+                ) from error
+            log.info(
+                "%s: %d of %d tensors failed (%s); update_topology and retry %d/%d",
+                self._peer_id,
+                len(failed),
+                len(tensors),
+                error,
+                attempt,
+                max_retries,
+            )
+            self.update_topology()
+            todo = failed
+        return results  # type: ignore[return-value]
+
+    def _reduce_round(self, tensors, todo, results, op, quantization, max_in_flight):
+        in_flight: deque[tuple[int, ReduceHandle]] = deque()
+        failed: list[int] = []
+        error: errors.PeerLostError | None = None
+
+        def finish_oldest() -> None:
+            nonlocal error
+            i, handle = in_flight.popleft()
+            try:
+                results[i] = handle.wait()
+            except errors.PeerLostError as exc:
+                failed.append(i)
+                error = error or exc
+
+        try:
+            for i in todo:
+                while len(in_flight) >= max_in_flight:
+                    finish_oldest()
+                if error is not None:
+                    # The ring is broken: start nothing more this round.
+                    failed.append(i)
+                    continue
+                in_flight.append(
+                    (i, self.all_reduce_async(tensors[i], op=op, quantization=quantization, tag=i))
+                )
+            while in_flight:
+                finish_oldest()
+        except BaseException:
+            # A fatal error (master lost, evicted, closed, bad argument):
+            # fail the rest fast and wait for them, so no buffer stays in use.
+            self._abort_native()
+            for _, handle in in_flight:
+                try:
+                    handle.wait()
+                except errors.PcclError:
+                    pass
+            raise
+        return sorted(failed), error
+
+    # ------------------------------------------------------------------
+    # Scratch buffers for in-place reductions, one cached per tag.
+
+    def _take_scratch(self, tag: int, x):
+        cached = self._scratch.pop(tag, None)
+        if (
+            cached is not None
+            and type(cached) is type(x)
+            and cached.dtype == x.dtype
+            and cached.shape == x.shape
+        ):
+            return cached
+        if isinstance(x, np.ndarray):
+            return np.empty_like(x)
+        import torch
+
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    def _release_scratch(self, tag: int, scratch) -> None:
+        if scratch is not None:
+            self._scratch[tag] = scratch
+
+    # ------------------------------------------------------------------
+    # Callbacks from the master link's thread (must not block).
+
+    def _on_abort(self, epoch: int, reason: str) -> None:
+        if epoch < self._epoch_floor:
+            return  # an older ring's abort; ours is newer
+        log.warning("%s: abort of epoch %d: %s", self._peer_id, epoch, reason)
+        self._aborted_epoch = max(self._aborted_epoch, epoch)
+        self._ring_broken = True
+        self._abort_native()
+
+    def _on_link_lost(self, exc: errors.PcclError) -> None:
+        self._admitted = False
+        self._ring_broken = True
+        self._abort_native()
+
+    def _abort_native(self) -> None:
+        native = self._native
+        if native is not None:
+            try:
+                native.abort()
+            except errors.PcclError as exc:  # closed meanwhile
+                log.debug("abort: %s", exc)
+
+    # ------------------------------------------------------------------
+    # Lifetime.
+
+    def close(self) -> None:
+        """Leave the run (no failed step for the others where possible),
+        close the master connection and the ring.  Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._drop_link(leave=True)
+        native, self._native = self._native, None
+        if native is not None:
+            native.close()
+
+    def _drop_link(self, leave: bool) -> None:
+        link, self._link = self._link, None
+        self._admitted = False
+        if link is not None:
+            # Stops the link's thread first, so no abort can race native.close().
+            link.close(leave=leave)
+
+    def __enter__(self) -> Communicator:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "admitted" if self._admitted else "not connected"
+        return (
+            f"<pccl.Communicator {self._peer_id or '-'} group={self._peer_group} "
+            f"{state} epoch={self._ring_epoch} rank={self._rank}/{self._group_world_size} "
+            f"world={self._world_size}>"
+        )
+
+    # ------------------------------------------------------------------
+    # Helpers.
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise errors.ClosedError("the communicator is closed")
+
+    def _check_connected(self) -> MasterLink:
+        self._check_open()
+        link = self._link
+        if link is None:
+            raise errors.StateError("not connected: call connect() first")
+        err = link.error()
+        if err is not None:
+            raise err
+        if not self._admitted:
+            raise errors.StateError("not admitted yet: connect() has not returned")
+        return link
+
+    def _advertised(self, local_host: str) -> str:
+        assert self._native is not None
+        host, port = parse_hostport(self._native.address, allow_port_zero=True)
+        if host in _ANY_HOST:
+            host = local_host
+        return format_hostport(host, port)
+
+    @staticmethod
+    def _remaining(deadline: float | None) -> float | None:
+        if deadline is None:
+            return None
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise errors.PcclTimeoutError("timed out")
+        return remaining
+
+    @classmethod
+    def _bounded(cls, deadline: float | None, limit: float) -> float:
+        remaining = cls._remaining(deadline)
+        return limit if remaining is None else min(limit, remaining)
+
+
+def _copy_into(dst, src) -> None:
+    if isinstance(dst, np.ndarray):
+        np.copyto(dst, src)
+    else:
+        dst.copy_(src)
+
+
+def _weak_callbacks(comm: Communicator):
+    """Callbacks that do not keep ``comm`` alive (so a dropped communicator
+    is finalised even while its link thread runs)."""
+    ref = weakref.ref(comm)
+
+    def on_abort(epoch: int, reason: str) -> None:
+        c = ref()
+        if c is not None:
+            c._on_abort(epoch, reason)
+
+    def on_lost(exc: errors.PcclError) -> None:
+        c = ref()
+        if c is not None:
+            c._on_link_lost(exc)
+
+    return on_abort, on_lost

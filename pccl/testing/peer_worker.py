@@ -1,0 +1,531 @@
+"""A :class:`pccl.Communicator` in a child process, driven by JSON lines.
+
+Multi-process membership tests and the control-plane benchmark start
+``python -m pccl.testing.peer_worker --master HOST:PORT --index I`` (one
+per peer) and send it commands on stdin, one JSON object per line; each
+command is answered by one line with the same ``id``.  Lines with an
+``event`` key are progress notes (``hello`` at start, ``started`` just
+before a collective blocks), so the driver can act at a known moment (for
+instance SIGKILL a peer while a collective is in flight) without sleeping.
+
+Times are ``time.monotonic()``: CLOCK_MONOTONIC is one clock for every
+process on the machine, so a driver can subtract its own readings.
+
+The driver side is here too: :class:`PeerProcess` (one worker) and
+:class:`MasterProcess` (a real ``pccl-master``), both with bounded waits
+and a ``kill()`` that always reaps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+# --------------------------------------------------------------------------
+# Inputs and hashes, shared by the workers and the tests.
+
+
+def make_input(seed: int, index: int, n: int, dtype: str = "float32") -> np.ndarray:
+    """Peer ``index``'s contribution to the operation ``seed`` (deterministic)."""
+    rng = np.random.default_rng([seed, index])
+    if dtype.startswith("float"):
+        return rng.standard_normal(n).astype(dtype)
+    return rng.integers(-100, 100, n).astype(dtype)
+
+
+def digest(x: np.ndarray) -> str:
+    """A hash of the bytes of ``x``: equal hashes = bit-identical tensors."""
+    return hashlib.sha256(np.ascontiguousarray(x).view(np.uint8)).hexdigest()[:32]
+
+
+# --------------------------------------------------------------------------
+# The worker.
+
+
+class _Worker:
+    def __init__(self, args: argparse.Namespace):
+        import pccl
+
+        self.pccl = pccl
+        self.index = args.index
+        self.args = args
+        self.comm = self._new_comm()
+
+    def _new_comm(self):
+        a = self.args
+        return self.pccl.Communicator(
+            a.master,
+            peer_group=a.group,
+            p2p_connections=a.connections,
+            secret=a.secret,
+            progress_timeout=a.progress_timeout,
+        )
+
+    def emit(self, msg: dict) -> None:
+        sys.stdout.write(json.dumps(msg) + "\n")
+        sys.stdout.flush()
+
+    def info(self) -> dict:
+        c = self.comm
+        return {
+            "peer_id": c.peer_id,
+            "world_size": c.world_size,
+            "group_world_size": c.group_world_size,
+            "rank": c.rank,
+            "epoch": c.epoch,
+        }
+
+    # Commands: each returns the reply's fields (without id/ok).
+
+    def cmd_connect(self, timeout: float | None = 60.0, fresh: bool = False) -> dict:
+        if fresh:
+            self.comm.close()
+            self.comm = self._new_comm()
+        self.comm.connect(timeout=timeout)
+        return self.info()
+
+    def cmd_update_topology(self) -> dict:
+        self.comm.update_topology()
+        return self.info()
+
+    def cmd_sync_world(self, n: int, timeout: float = 60.0) -> dict:
+        """Vote until the run has ``n`` admitted peers (every admitted peer
+        runs this, so each vote completes)."""
+        deadline = time.monotonic() + timeout
+        votes = 0
+        while self.comm.world_size != n:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"world is {self.comm.world_size}, not {n}, after {votes} votes")
+            self.comm.update_topology(timeout=max(0.1, deadline - time.monotonic()))
+            votes += 1
+        return dict(self.info(), votes=votes)
+
+    def cmd_wait_pending(self, timeout: float = 60.0) -> dict:
+        """Ask ``are_peers_pending()`` until it says True (bounded)."""
+        deadline = time.monotonic() + timeout
+        queries = 0
+        while not self.comm.are_peers_pending():
+            queries += 1
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no pending peer after {queries} queries")
+            time.sleep(0.01)  # the condition is polled, as a training loop would
+        return {"queries": queries}
+
+    def cmd_pending(self) -> dict:
+        return {"pending": self.comm.are_peers_pending()}
+
+    def cmd_info(self) -> dict:
+        return self.info()
+
+    def cmd_all_reduce(
+        self,
+        n: int,
+        seed: int,
+        dtype: str = "float32",
+        op: str = "SUM",
+        tag: int = 0,
+        inplace: bool = True,
+        quantization: str = "NONE",
+        retry: bool = False,
+        max_retries: int = 5,
+    ) -> dict:
+        pccl = self.pccl
+        x = make_input(seed, self.index, n, dtype)
+        before = digest(x)
+        out = None if inplace else np.empty_like(x)
+        reply: dict[str, Any] = {"retries": 0}
+        while True:
+            self.emit({"event": "started", "t": time.monotonic(), "seed": seed})
+            try:
+                info = self.comm.all_reduce(
+                    x,
+                    out,
+                    op=pccl.ReduceOp[op],
+                    quantization=pccl.Quantization[quantization],
+                    tag=tag,
+                )
+            except pccl.PeerLostError as exc:
+                reply.setdefault("t_error", time.monotonic())
+                reply.setdefault("first_error", type(exc).__name__)
+                reply.setdefault("first_message", str(exc))
+                reply["x_unchanged"] = reply.get("x_unchanged", True) and digest(x) == before
+                if not retry or reply["retries"] >= max_retries:
+                    return dict(reply, ok=False, error=type(exc).__name__, message=str(exc))
+                reply["retries"] += 1
+                self.comm.update_topology()
+                continue
+            break
+        result = x if inplace else out
+        reply.update(
+            self.info(),
+            t_done=time.monotonic(),
+            hash=digest(result),
+            checksum=float(result.astype(np.float64).sum()),
+            world=info.world_size,
+            tx_bytes=info.tx_bytes,
+            rx_bytes=info.rx_bytes,
+        )
+        return reply
+
+    def cmd_all_reduce_many(
+        self,
+        count: int,
+        n: int,
+        seed: int,
+        max_in_flight: int = 8,
+        dtype: str = "float32",
+        die_after: int | None = None,
+    ) -> dict:
+        xs = [make_input(seed * 1000 + i, self.index, n, dtype) for i in range(count)]
+        self.emit({"event": "started", "t": time.monotonic(), "seed": seed})
+        if die_after is not None:
+            # Start every operation as all_reduce_many would (tensor i =
+            # tag i), see the first die_after through, then die.
+            handles = [self.comm.all_reduce_async(x, tag=i) for i, x in enumerate(xs)]
+            for h in handles[:die_after]:
+                h.wait()
+            os.kill(os.getpid(), signal.SIGKILL)
+        infos = self.comm.all_reduce_many(xs, max_in_flight=max_in_flight)
+        return dict(
+            self.info(),
+            t_done=time.monotonic(),
+            hashes=[digest(x) for x in xs],
+            checksums=[float(x.astype(np.float64).sum()) for x in xs],
+            worlds=[i.world_size for i in infos],
+        )
+
+    def cmd_bench(self, n: int, iters: int, warmup: int = 5) -> dict:
+        """Time ``iters`` back-to-back all-reduces of ``n`` float32 (in
+        place); returns per-op seconds."""
+        x = np.ones(n, dtype=np.float32)
+        for _ in range(warmup):
+            self.comm.all_reduce(x)
+        times = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            self.comm.all_reduce(x)
+            times.append(time.perf_counter() - t0)
+        return {"times": times}
+
+    def cmd_close(self) -> dict:
+        self.comm.close()
+        return {}
+
+
+def _error_reply(exc: BaseException) -> dict:
+    import pccl
+
+    return {
+        "ok": False,
+        "error": type(exc).__name__,
+        "message": str(exc),
+        "pccl_error": isinstance(exc, pccl.PcclError),
+        "connection_error": isinstance(exc, ConnectionError),
+        "timeout_error": isinstance(exc, TimeoutError),
+        "t_error": time.monotonic(),
+        "traceback": traceback.format_exc(limit=8),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--master", required=True, help="HOST:PORT of pccl-master")
+    parser.add_argument("--index", type=int, required=True, help="this peer's input index")
+    parser.add_argument("--group", type=int, default=0, help="peer group")
+    parser.add_argument("--connections", type=int, default=2, help="p2p connections")
+    parser.add_argument("--secret", default=None)
+    parser.add_argument("--progress-timeout", type=float, default=60.0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format=f"%(asctime)s peer{args.index} %(name)s %(levelname)s %(message)s",
+    )
+    worker = _Worker(args)
+    worker.emit({"event": "hello", "pid": os.getpid(), "index": args.index})
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        cmd = json.loads(line)
+        name = cmd.pop("cmd")
+        cmd_id = cmd.pop("id", None)
+        if name == "exit":
+            break
+        try:
+            reply = {"ok": True, **getattr(worker, f"cmd_{name}")(**cmd)}
+        except Exception as exc:  # reported to the driver, which decides
+            reply = _error_reply(exc)
+        reply["id"] = cmd_id
+        worker.emit(reply)
+    worker.comm.close()
+    return 0
+
+
+# --------------------------------------------------------------------------
+# The driver side.
+
+_EOF = object()
+
+
+class DriverError(RuntimeError):
+    """A child died or did not answer in time."""
+
+
+class _Child:
+    """A child process whose stdout lines are read by a thread into queues."""
+
+    name = "child"
+
+    def __init__(self, argv: Sequence[str], workdir: str, label: str, stdin: bool):
+        self.label = label
+        self.stderr_path = os.path.join(workdir, f"{label}.stderr")
+        self._stderr = open(self.stderr_path, "wb")
+        env = dict(os.environ)
+        env.pop("PYTHONPATH", None)  # the installed package, never a checkout
+        self.proc = subprocess.Popen(
+            list(argv),
+            cwd=workdir,
+            env=env,
+            text=True,
+            bufsize=1,
+            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+        )
+        self.pid = self.proc.pid
+        self.replies: queue.Queue = queue.Queue()
+        self.events: queue.Queue = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True, name=f"{label}-reader")
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._on_line(line)
+        self.replies.put(_EOF)
+        self.events.put(_EOF)
+
+    def _on_line(self, line: str) -> None:
+        self.events.put(line)
+
+    def _get(self, q: queue.Queue, timeout: float, what: str):
+        try:
+            item = q.get(timeout=timeout)
+        except queue.Empty:
+            raise DriverError(
+                f"{self.label}: no {what} within {timeout:g} s\n" + self.stderr_tail()
+            ) from None
+        if item is _EOF:
+            q.put(_EOF)
+            raise DriverError(
+                f"{self.label}: exited (code {self.proc.poll()}) before {what}\n"
+                + self.stderr_tail()
+            )
+        return item
+
+    def signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.pid, sig)
+
+    def stderr_tail(self, limit: int = 6000) -> str:
+        try:
+            self._stderr.flush()
+            with open(self.stderr_path, "rb") as f:
+                text = f.read()[-limit:].decode(errors="replace")
+        except OSError:
+            return ""
+        return f"--- {self.label} stderr ---\n{text}" if text else ""
+
+    def kill(self) -> None:
+        """SIGKILL (also ends a stopped process), reap, close pipes."""
+        if self.proc.poll() is None:
+            try:
+                self.proc.kill()
+            except OSError:
+                pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # pragma: no cover - a kernel problem
+            pass
+        for stream in (self.proc.stdin, self.proc.stdout):
+            try:
+                if stream is not None:
+                    stream.close()
+            except OSError:
+                pass
+        self._reader.join(timeout=5)
+        self._stderr.close()
+
+
+class MasterProcess(_Child):
+    """``python -m pccl.master --listen 127.0.0.1:0 ...``; ``address`` is
+    what its first stdout line says it bound."""
+
+    def __init__(
+        self,
+        workdir: str,
+        *,
+        heartbeat_timeout: float | None = None,
+        heartbeat_interval: float | None = None,
+        vote_timeout: float | None = None,
+        extra: Sequence[str] = (),
+        start_timeout: float = 30.0,
+    ):
+        argv = [sys.executable, "-m", "pccl.master", "--listen", "127.0.0.1:0"]
+        if heartbeat_timeout is not None:
+            argv += ["--heartbeat-timeout", str(heartbeat_timeout)]
+        if heartbeat_interval is not None:
+            argv += ["--heartbeat-interval", str(heartbeat_interval)]
+        if vote_timeout is not None:
+            argv += ["--vote-timeout", str(vote_timeout)]
+        super().__init__([*argv, *extra], workdir, "master", stdin=False)
+        try:
+            line = self._get(self.events, start_timeout, "listening line")
+            match = re.match(r"pccl-master listening on (\S+)", line)
+            if not match:
+                raise DriverError(f"master said {line!r}\n" + self.stderr_tail())
+            self.address: str = match.group(1)
+        except BaseException:
+            self.kill()
+            raise
+
+
+class PeerProcess(_Child):
+    """One ``peer_worker``; :meth:`request` sends a command and returns its reply."""
+
+    def __init__(
+        self,
+        workdir: str,
+        master: str,
+        index: int,
+        *,
+        group: int = 0,
+        connections: int = 2,
+        secret: str | None = None,
+        progress_timeout: float | None = None,
+        start_timeout: float = 60.0,
+    ):
+        argv = [
+            sys.executable,
+            "-m",
+            "pccl.testing.peer_worker",
+            "--master",
+            master,
+            "--index",
+            str(index),
+            "--group",
+            str(group),
+            "--connections",
+            str(connections),
+        ]
+        if secret is not None:
+            argv += ["--secret", secret]
+        if progress_timeout is not None:
+            argv += ["--progress-timeout", str(progress_timeout)]
+        super().__init__(argv, workdir, f"peer{index}", stdin=True)
+        self.index = index
+        self._ids = iter(range(1, 1 << 62))
+        try:
+            self.wait_event("hello", start_timeout)
+        except BaseException:
+            self.kill()
+            raise
+
+    def _on_line(self, line: str) -> None:
+        try:
+            msg = json.loads(line)
+        except ValueError:
+            msg = {"event": "garbage", "line": line}
+        (self.events if "event" in msg else self.replies).put(msg)
+
+    def send(self, cmd: str, **fields: Any) -> int:
+        cmd_id = next(self._ids)
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(json.dumps({"cmd": cmd, "id": cmd_id, **fields}) + "\n")
+            self.proc.stdin.flush()
+        except OSError as exc:
+            raise DriverError(f"{self.label}: cannot send {cmd}: {exc}") from None
+        return cmd_id
+
+    def reply(self, timeout: float, what: str = "a reply") -> dict:
+        return self._get(self.replies, timeout, what)
+
+    def request(self, cmd: str, timeout: float = 60.0, check: bool = True, **fields: Any) -> dict:
+        self.send(cmd, **fields)
+        msg = self.reply(timeout, f"reply to {cmd}")
+        if check and not msg["ok"]:
+            raise DriverError(
+                f"{self.label}: {cmd} failed: {msg['error']}: {msg['message']}\n"
+                f"{msg.get('traceback', '')}"
+            )
+        return msg
+
+    def wait_event(self, name: str, timeout: float, **match: Any) -> dict:
+        """The next ``name`` event whose fields equal ``match`` (earlier
+        events, e.g. of previous commands, are skipped)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            msg = self._get(self.events, max(0.0, deadline - time.monotonic()), f"{name} event")
+            if msg.get("event") == name and all(msg.get(k) == v for k, v in match.items()):
+                return msg
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Ask the worker to exit (closing its communicator), then kill."""
+        if self.proc.poll() is None:
+            try:
+                self.send("exit")
+                self.proc.wait(timeout=timeout)
+            except (DriverError, subprocess.TimeoutExpired):
+                pass
+        self.kill()
+
+
+def send_all(peers: Sequence[PeerProcess], cmd: str, **fields: Any) -> None:
+    for p in peers:
+        p.send(cmd, **fields)
+
+
+def gather(
+    peers: Sequence[PeerProcess], timeout: float, check: bool = True, what: str = "a reply"
+) -> list[dict]:
+    """One reply from each peer, all within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    replies = []
+    for p in peers:
+        msg = p.reply(max(0.0, deadline - time.monotonic()), what)
+        if check and not msg["ok"]:
+            raise DriverError(
+                f"{p.label}: {msg['error']}: {msg['message']}\n"
+                f"{msg.get('traceback', '')}\n{p.stderr_tail()}"
+            )
+        replies.append(msg)
+    return replies
+
+
+def request_all(
+    peers: Sequence[PeerProcess], cmd: str, timeout: float = 60.0, check: bool = True, **fields: Any
+) -> list[dict]:
+    """Send ``cmd`` to every peer at once, then gather the replies."""
+    send_all(peers, cmd, **fields)
+    return gather(peers, timeout, check, f"reply to {cmd}")
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    sys.exit(main())
