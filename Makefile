@@ -51,8 +51,10 @@ test-py: install
 
 test: test-c lint test-py
 
+# A master and three peers training; one peer is SIGKILLed mid-run and a new
+# one joins, and training carries on with bit-identical state everywhere.
 demo: install
-	$(PY) examples/demo.py
+	$(PY) examples/allreduce_dynamic.py --local --peers 3 --chaos
 
 bench: install
 	$(PY) benchmarks/allreduce_loopback.py

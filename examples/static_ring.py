@@ -1,8 +1,8 @@
-"""pccl demo: four processes on localhost reduce tensors over a striped ring.
+"""Static-ring example: four processes on localhost reduce tensors over a striped ring.
 
 Each rank contributes its own data; after every all-reduce the ranks compare
 a hash of the result (bit-identical on every peer), and the demo prints the
-bus bandwidth it reached.  Run with `make demo` or `python examples/demo.py`.
+bus bandwidth it reached.  Run with `python examples/static_ring.py --help`.
 """
 
 from __future__ import annotations
