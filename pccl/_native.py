@@ -147,6 +147,17 @@ def _overlap(a_addr: int, a_len: int, b_addr: int, b_len: int) -> bool:
     return a_addr < b_addr + b_len and b_addr < a_addr + a_len
 
 
+def _enum_arg(enum_cls, value, name: str):
+    """``enum_cls(value)``, or InvalidArgumentError naming the argument."""
+    try:
+        return enum_cls(value)
+    except (ValueError, TypeError):
+        choices = ", ".join(f"{enum_cls.__name__}.{m.name}" for m in enum_cls)
+        raise errors.InvalidArgumentError(
+            f"{name} must be one of {choices}, got {value!r}"
+        ) from None
+
+
 def _timeout_ms(timeout: float | None) -> int:
     if timeout is None:
         return -1
@@ -299,8 +310,10 @@ class NativeComm:
 
     def _start(self, x, out, op, quantization, tag):
         self._check_open()
-        op = ReduceOp(op)
-        quantization = Quantization(quantization)
+        op = _enum_arg(ReduceOp, op, "op")
+        quantization = _enum_arg(Quantization, quantization, "quantization")
+        if type(tag) is not int or not 0 <= tag < 2**64:
+            raise errors.InvalidArgumentError(f"tag must be an int in [0, 2**64), got {tag!r}")
         src, count, dtype, shape = buffer_info(x, "x")
         if out is None or out is x:
             if isinstance(x, np.ndarray) and not x.flags.writeable:
