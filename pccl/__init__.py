@@ -6,6 +6,8 @@ Public names (see docs/api.md):
 * :class:`MasterNode` - a ``pccl-master`` running inside this process.
 * :class:`StaticRing` - a master-less ring for tests and benchmarks.
 * :class:`ReduceOp`, :class:`Quantization`, :class:`ReduceInfo`.
+* :class:`SharedState`, :class:`SyncStrategy`, :class:`SyncInfo` - for
+  ``Communicator.sync_shared_state`` (docs/shared-state.md).
 * :class:`PcclError` and its subclasses (each also a built-in exception).
 """
 
@@ -20,6 +22,7 @@ from .errors import (
     EvictedError,
     InvalidArgumentError,
     MasterConnectionError,
+    NotFoundError,
     NotSupportedError,
     OutOfMemoryError,
     PcclConnectionRefusedError,
@@ -32,6 +35,7 @@ from .errors import (
     StateError,
 )
 from .master import MasterNode
+from .shared_state import SharedState, SyncInfo, SyncStrategy
 from .types import DType, Quantization, ReduceInfo, ReduceOp
 
 __version__ = "0.1.0"
@@ -50,6 +54,7 @@ __all__ = [
     "MasterConnectionError",
     "MasterNode",
     "NativeComm",
+    "NotFoundError",
     "NotSupportedError",
     "OutOfMemoryError",
     "PcclConnectionRefusedError",
@@ -63,7 +68,10 @@ __all__ = [
     "ReduceInfo",
     "ReduceOp",
     "RingBrokenError",
+    "SharedState",
     "StateError",
     "StaticRing",
+    "SyncInfo",
+    "SyncStrategy",
     "version",
 ]

@@ -504,6 +504,10 @@ class MasterLink:
             self._resolve(("ready", msg["epoch"]), msg)
         elif kind == "pending_reply":
             self._resolve(("req", msg["req"]), msg)
+        elif kind == "sync_plan":  # shared state: pccl/shared_state.py
+            self._resolve(("sync", msg["req"]), msg)
+        elif kind == "sync_end":
+            self._resolve(("sync_end", msg["revision"]), msg)
         elif kind == "evicted":
             self._fail(
                 errors.EvictedError,

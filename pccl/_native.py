@@ -37,6 +37,7 @@ _ERRORS: dict[int, type[errors.PcclError]] = {
     lib.PCCL_EADDR: errors.AddressError,
     lib.PCCL_ECONNREFUSED: errors.PcclConnectionRefusedError,
     lib.PCCL_ERINGBROKEN: errors.RingBrokenError,
+    lib.PCCL_ENOTFOUND: errors.NotFoundError,
 }
 
 
@@ -382,6 +383,56 @@ class NativeComm:
             except errors.PcclError:
                 pass
             raise
+
+    # -- shared-state transfers --------------------------------------------
+
+    def publish(self, key: int, address: int, nbytes: int) -> None:
+        """Serve ``nbytes`` at ``address`` read-only under ``key`` to
+        authenticated peers (:meth:`fetch`).  The memory must stay valid and
+        unchanged until :meth:`unpublish` returns; the caller keeps it alive."""
+        self._check_open()
+        check(
+            lib.pccl_comm_publish(self._comm, key, ffi.cast("const void *", address), nbytes),
+            f"publish key {key:#x}",
+        )
+
+    def unpublish(self, key: int) -> int:
+        """Withdraw ``key`` (cutting off sends in flight); returns the payload
+        bytes served from it."""
+        tx = ffi.new("uint64_t *")
+        if self._closed:
+            return 0
+        check(lib.pccl_comm_unpublish(self._comm, key, tx), f"unpublish key {key:#x}")
+        return int(tx[0])
+
+    def fetch(
+        self,
+        address: str,
+        key: int,
+        offset: int,
+        nbytes: int,
+        dst: int,
+        timeout: float | None = 30.0,
+    ) -> tuple[int, errors.PcclError | None]:
+        """Copy bytes ``[offset, offset + nbytes)`` of what the peer at
+        ``address`` published under ``key`` to memory at ``dst``.  Returns
+        ``(bytes received, error or None)``: the bytes received are a prefix
+        of the range, also when the transfer failed.  Releases the GIL, so
+        several threads can fetch at once.  ``timeout``: seconds without
+        progress."""
+        self._check_open()
+        got = ffi.new("uint64_t *")
+        rv = lib.pccl_comm_fetch(
+            self._comm,
+            address.encode(),
+            key,
+            offset,
+            nbytes,
+            ffi.cast("void *", dst),
+            _timeout_ms(timeout),
+            got,
+        )
+        return int(got[0]), (error_for(rv, f"fetch from {address}") if rv else None)
 
     # -- lifetime -----------------------------------------------------------
 

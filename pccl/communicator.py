@@ -28,6 +28,7 @@ from . import errors
 from ._control import MasterLink
 from ._native import NativeComm, buffer_info
 from .master.protocol import format_hostport, parse_hostport
+from .shared_state import SharedState, SyncInfo, SyncStrategy, synchronize
 from .types import Quantization, ReduceInfo, ReduceOp
 
 log = logging.getLogger("pccl.communicator")
@@ -437,6 +438,22 @@ class Communicator:
             self._world_size,
         )
         return True
+
+    # ------------------------------------------------------------------
+    # Shared state (pccl/shared_state.py, docs/shared-state.md).
+
+    def sync_shared_state(self, state: SharedState,
+                          strategy: SyncStrategy = SyncStrategy.ENFORCE_POPULAR) -> SyncInfo:
+        """Make ``state`` (a :class:`pccl.SharedState`) bit-identical on every
+        peer of this group and return a :class:`pccl.SyncInfo`.
+
+        Every member calls this with the revision advanced by one; the
+        master elects per tensor the content most peers hold, and peers that
+        differ fetch exactly those tensors (striped across the peers holding
+        them) and verify them before overwriting.  ``strategy`` is a
+        :class:`pccl.SyncStrategy`.
+        """
+        return synchronize(self, state, strategy)
 
     # ------------------------------------------------------------------
     # Collectives.

@@ -71,6 +71,10 @@ class BusyError(PcclError, RuntimeError):
     """An operation with the same tag is already in flight."""
 
 
+class NotFoundError(PcclError, LookupError):
+    """Nothing is published under the key a shared-state transfer asked for."""
+
+
 class PcclOSError(PcclError, OSError):
     """An operating-system error inside the native core."""
 

@@ -38,6 +38,22 @@ def good_messages() -> list[tuple[str, dict]]:
         (TO_MASTER, {"type": "op_done", "epoch": 2, "tag": 0, "seq": 2**63 - 1, "ok": True}),
         (TO_MASTER, {"type": "heartbeat"}),
         (TO_MASTER, {"type": "leave"}),
+        (
+            TO_MASTER,
+            {
+                "type": "sync_state",
+                "req": 3,
+                "revision": 9,
+                "strategy": "enforce_popular",
+                "tensors": [
+                    {"name": "w", "dtype": "float32", "shape": [2, 3], "nbytes": 24,
+                     "hash": b"h" * 16},
+                    {"name": "empty", "dtype": "int64", "shape": [0], "nbytes": 0,
+                     "hash": b"e" * 16},
+                ],
+            },
+        ),
+        (TO_MASTER, {"type": "sync_done", "revision": 9, "ok": False}),
         (TO_PEER, {"type": "challenge", "version": 1, "nonce": NONCE, "auth": True}),
         (
             TO_PEER,
@@ -70,6 +86,22 @@ def good_messages() -> list[tuple[str, dict]]:
         (TO_PEER, {"type": "heartbeat_ack"}),
         (TO_PEER, {"type": "abort", "epoch": 1, "reason": "p3 lost"}),
         (TO_PEER, {"type": "evicted", "reason": "vote timeout"}),
+        (
+            TO_PEER,
+            {
+                "type": "sync_plan",
+                "req": 3,
+                "revision": 9,
+                "error": "",
+                "reason": "",
+                "fetch": [
+                    {"name": "w", "hash": b"h" * 16, "nbytes": 24,
+                     "from": ["127.0.0.1:4000", "[::1]:4001"]},
+                ],
+                "serve": True,
+            },
+        ),
+        (TO_PEER, {"type": "sync_end", "revision": 9, "ok": True}),
     ]
 
 
@@ -89,6 +121,8 @@ def test_schema_table_covers_the_documented_types():
         "op_done",
         "heartbeat",
         "leave",
+        "sync_state",
+        "sync_done",
     }
     assert {m["type"] for d, m in good_messages() if d == TO_PEER} == set(protocol.SCHEMAS[TO_PEER])
 
@@ -101,6 +135,15 @@ def test_a_type_is_only_valid_in_its_direction():
 
 
 BAD_FIELDS = [
+    ("sync_state", "strategy", "popular", "expected one of"),
+    ("sync_state", "tensors", [{"name": "w"}], "item 0: expected a map"),
+    ("sync_state", "tensors", [{"name": "w", "dtype": "f", "shape": [-1], "nbytes": 0,
+                                "hash": b"h" * 16}], "out of range"),
+    ("sync_state", "tensors", [{"name": "w", "dtype": "f", "shape": [1], "nbytes": 0,
+                                "hash": b"h" * 8}], "bin of 8 bytes"),
+    ("sync_state", "tensors", [{"name": "", "dtype": "f", "shape": [1], "nbytes": 0,
+                                "hash": b"h" * 16}], "empty str"),
+    ("sync_state", "tensors", {"w": 1}, "expected array"),
     ("op_done", "epoch", -1, "out of range"),
     ("op_done", "seq", 2**63, "out of range"),
     ("op_done", "tag", True, "expected int"),

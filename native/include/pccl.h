@@ -45,6 +45,7 @@ enum pccl_error {
     PCCL_EADDR = 12,        /* address cannot be parsed or bound */
     PCCL_ECONNREFUSED = 13, /* nobody listens at the neighbour address */
     PCCL_ERINGBROKEN = 14,  /* an earlier failure broke this ring */
+    PCCL_ENOTFOUND = 15,    /* nothing is published under that key */
     PCCL_ESYSERR = 0x10000000 /* OR-ed with errno */
 };
 
@@ -91,7 +92,8 @@ enum pccl_limits {
     PCCL_DEFAULT_PROGRESS_TIMEOUT_MS = 60000,
     PCCL_DEFAULT_HANDSHAKE_TIMEOUT_MS = 5000,
     PCCL_MAX_SECRET_BYTES = 1024,
-    PCCL_ADDRSTRLEN = 64                 /* buffer for "host:port" */
+    PCCL_ADDRSTRLEN = 64,                /* buffer for "host:port" */
+    PCCL_MAX_XFER_SERVERS = 64           /* transfers served at once; more: PCCL_EBUSY */
 };
 
 /* Opaque handles. */
@@ -183,6 +185,32 @@ pccl_result pccl_comm_all_reduce(pccl_comm *comm, const void *src, void *dst,
                                  size_t count, pccl_dtype dtype, pccl_op op,
                                  pccl_quant quant, uint64_t tag, int32_t timeout_ms,
                                  pccl_reduce_info *info);
+
+/* pccl_comm_publish makes len bytes at buf readable by authenticated peers
+ * (pccl_comm_fetch) under key, read-only and without copying.  buf stays
+ * the caller's and must stay valid and unchanged until pccl_comm_unpublish
+ * returns.  PCCL_EBUSY if key is already published.  Does not block;
+ * thread-safe. */
+pccl_result pccl_comm_publish(pccl_comm *comm, uint64_t key, const void *buf, size_t len);
+
+/* pccl_comm_unpublish withdraws key: transfers of it in flight are cut off
+ * and waited for, so buf is the caller's alone once it returns.  Writes the
+ * payload bytes served from it to *tx_bytes (may be NULL).  PCCL_ENOTFOUND
+ * if key is not published.  Blocks only while in-flight sends stop;
+ * thread-safe. */
+pccl_result pccl_comm_unpublish(pccl_comm *comm, uint64_t key, uint64_t *tx_bytes);
+
+/* pccl_comm_fetch copies bytes [offset, offset+len) of the buffer the peer
+ * at addr ("host:port", its listen address) published under key into dst,
+ * over one new authenticated connection.  Blocks until done, until no byte
+ * moves for timeout_ms (<0: no limit; PCCL_ETIMEDOUT), or until
+ * pccl_comm_close (PCCL_ECLOSED).  The peer's refusals come back as its
+ * code (PCCL_ENOTFOUND, PCCL_EINVAL for a range outside the buffer,
+ * PCCL_EBUSY).  *received (may be NULL) gets the bytes written to dst, a
+ * prefix of the range, on failure too (unlike other out-parameters), so a
+ * caller can fetch the rest elsewhere.  Thread-safe: run several at once. */
+pccl_result pccl_comm_fetch(pccl_comm *comm, const char *addr, uint64_t key, uint64_t offset,
+                            uint64_t len, void *dst, int32_t timeout_ms, uint64_t *received);
 
 /* pccl_comm_abort fails every op in flight and any pccl_comm_set_ring in
  * progress with PCCL_EABORTED and breaks the ring (set_ring again to go

@@ -316,7 +316,7 @@ refusals(void)
     CHECK_RV(rv, PCCL_EAUTH);
     pccl__sock_close(fd);
 
-    h.purpose = PCCL__PURPOSE_XFER;
+    h.purpose = PCCL__PURPOSE_PROBE; /* reserved (XFER is served: xfer_test.c) */
     fd = client(addr, &h, "s3cret", &rv);
     CHECK_RV(rv, PCCL_ENOTSUP);
     pccl__sock_close(fd);

@@ -86,6 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
         "ready) this long after the round started is evicted",
     )
     parser.add_argument(
+        "--sync-timeout",
+        type=_seconds,
+        default=600.0,
+        metavar="SECONDS",
+        help="longest a shared-state transfer may take: distributors are released and "
+        "receivers still fetching are counted as failed after this long",
+    )
+    parser.add_argument(
         "--log-level",
         default="INFO",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -113,6 +121,7 @@ async def _serve(args: argparse.Namespace, secret: bytes | None) -> None:
         heartbeat_interval=args.heartbeat_interval,
         heartbeat_timeout=args.heartbeat_timeout,
         vote_timeout=args.vote_timeout,
+        sync_timeout=args.sync_timeout,
         status=args.status,
     )
     loop = asyncio.get_running_loop()

@@ -167,6 +167,80 @@ _peer_id = _str(MAX_PEER_ID, nonempty=True)
 _reason = _str(MAX_REASON)
 
 # --------------------------------------------------------------------------
+# Shared state (docs/shared-state.md).
+
+MAX_TENSOR_NAME = 256
+MAX_DIMS = 32
+MAX_TENSORS = 16384  # tensors in one shared state (the 1 MiB frame cap binds first)
+MAX_SOURCES = 64  # distributors listed for one tensor
+HASH_LEN = 16  # xxh3-128, big-endian
+SYNC_STRATEGIES = ("enforce_popular", "receive_only", "send_only")
+SYNC_ERRORS = ("", "invalid", "state")
+
+_tensor_name = _str(MAX_TENSOR_NAME, nonempty=True)
+_dtype_name = _str(16, nonempty=True)
+_hash = _bin(HASH_LEN)
+
+
+def _one_of(*values: str) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        if value not in values or not isinstance(value, str):
+            return f"expected one of {', '.join(map(repr, values))}, got {str(value)[:32]!r}"
+        return None
+
+    return check
+
+
+def _list_of_maps(
+    max_len: int, fields: dict[str, Callable[[Any], str | None]]
+) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        if not isinstance(value, list):
+            return f"expected array, got {type(value).__name__}"
+        if len(value) > max_len:
+            return f"array of {len(value)} items exceeds {max_len}"
+        for i, item in enumerate(value):
+            if not isinstance(item, dict) or set(item) != set(fields):
+                return f"item {i}: expected a map with exactly {sorted(fields)}"
+            for name, field_check in fields.items():
+                error = field_check(item[name])
+                if error:
+                    return f"item {i}.{name}: {error}"
+        return None
+
+    return check
+
+
+def _shape(value: Any) -> str | None:
+    if not isinstance(value, list) or len(value) > MAX_DIMS:
+        return f"expected an array of at most {MAX_DIMS} ints"
+    for dim in value:
+        error = _uint(dim)
+        if error:
+            return error
+    return None
+
+
+def _address_list(value: Any) -> str | None:
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_SOURCES:
+        return f"expected an array of 1..{MAX_SOURCES} addresses"
+    for item in value:
+        error = _address(item)
+        if error:
+            return error
+    return None
+
+
+_tensor_list = _list_of_maps(
+    MAX_TENSORS,
+    {"name": _tensor_name, "dtype": _dtype_name, "shape": _shape, "nbytes": _uint, "hash": _hash},
+)
+_fetch_list = _list_of_maps(
+    MAX_TENSORS,
+    {"name": _tensor_name, "hash": _hash, "nbytes": _uint, "from": _address_list},
+)
+
+# --------------------------------------------------------------------------
 # The schema table: direction -> type -> field -> checker.  Every field is
 # required and no other field is allowed (a version-1 message is exactly
 # this; anything else is a different protocol).
@@ -187,6 +261,13 @@ SCHEMAS: dict[str, dict[str, dict[str, Callable[[Any], str | None]]]] = {
         "op_done": {"epoch": _uint, "tag": _uint, "seq": _uint, "ok": _bool},
         "heartbeat": {},
         "leave": {},
+        "sync_state": {
+            "req": _uint,
+            "revision": _uint,
+            "strategy": _one_of(*SYNC_STRATEGIES),
+            "tensors": _tensor_list,
+        },
+        "sync_done": {"revision": _uint, "ok": _bool},
     },
     TO_PEER: {
         "challenge": {"version": _version, "nonce": _bin(NONCE_LEN), "auth": _bool},
@@ -213,6 +294,15 @@ SCHEMAS: dict[str, dict[str, dict[str, Callable[[Any], str | None]]]] = {
         "heartbeat_ack": {},
         "abort": {"epoch": _uint, "reason": _reason},
         "evicted": {"reason": _reason},
+        "sync_plan": {
+            "req": _uint,
+            "revision": _uint,
+            "error": _one_of(*SYNC_ERRORS),
+            "reason": _reason,
+            "fetch": _fetch_list,
+            "serve": _bool,
+        },
+        "sync_end": {"revision": _uint, "ok": _bool},
     },
 }
 

@@ -128,6 +128,7 @@ class MasterServer:
         heartbeat_interval: float = 0.5,
         heartbeat_timeout: float = 3.0,
         vote_timeout: float = 30.0,
+        sync_timeout: float = 600.0,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
         status: tuple[str, int] | None = None,
         max_connections: int = MAX_CONNECTIONS,
@@ -141,6 +142,7 @@ class MasterServer:
             heartbeat_interval=heartbeat_interval,
             heartbeat_timeout=heartbeat_timeout,
             vote_timeout=vote_timeout,
+            sync_timeout=sync_timeout,
         )
         # Past the heartbeat timeout the ticker has already declared the peer
         # lost; this read timeout only backs it up.

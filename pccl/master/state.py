@@ -25,6 +25,8 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import sync
+
 PENDING = "pending"
 ADMITTED = "admitted"
 
@@ -101,6 +103,7 @@ class MasterState:
         max_open_ops: int = 1024,
         max_decided_ops: int = 65536,
         max_events: int = 100,
+        sync_timeout: float = 600.0,
     ):
         if not 0 < heartbeat_interval < heartbeat_timeout:
             raise ValueError("need 0 < heartbeat_interval < heartbeat_timeout")
@@ -111,6 +114,14 @@ class MasterState:
         self.vote_timeout = vote_timeout
         self.max_open_ops = max_open_ops
         self.max_decided_ops = max_decided_ops
+        if sync_timeout <= 0:
+            raise ValueError("sync_timeout must be positive")
+        self.sync_timeout = sync_timeout
+        # Shared state, per group: the round in progress and the last
+        # completed revision (forgotten when the group empties).
+        self.sync_rounds: dict[int, sync.SyncRound] = {}
+        self.sync_revisions: dict[int, int] = {}
+        self._sync_holders: dict[int, set[str]] = {}  # peers that took part in a sync
 
         self.peers: dict[str, Peer] = {}  # insertion order is join order
         self.epoch = 0
@@ -142,6 +153,8 @@ class MasterState:
             "peers_lost": 0,
             "peers_evicted": 0,
             "peers_left": 0,
+            "syncs": 0,
+            "syncs_transferred": 0,
         }
 
     # ------------------------------------------------------------------
@@ -260,6 +273,10 @@ class MasterState:
             self._op_done(peer, msg["epoch"], msg["tag"], msg["seq"], msg["ok"], now, acts)
         elif kind == "leave":
             self._remove(peer, "left", "peer left", now, acts)
+        elif kind == "sync_state":
+            self._sync_state(peer, msg, now, acts)
+        elif kind == "sync_done":
+            self._sync_done(peer, msg["revision"], msg["ok"], now, acts)
         else:  # hello after welcome, or a type validate() let through by mistake
             self._remove(peer, "lost", f"unexpected {kind!r} message", now, acts)
         return acts
@@ -299,6 +316,7 @@ class MasterState:
                     reason = "did not vote within the vote timeout"
                     self._remove(peer, "evicted", reason, now, acts, settle=False, abort=False)
             self._maybe_complete_round(now, acts)
+        self._sync_tick(now, acts)
         return acts
 
     # ------------------------------------------------------------------
@@ -540,6 +558,140 @@ class MasterState:
                 self._finish_ring_phase(False, now, acts)
         if settle:
             self._maybe_complete_round(now, acts)
+        self._sync_forget(peer, now, acts)
+
+    # ------------------------------------------------------------------
+    # Shared state (election rules in sync.py).
+
+    def _sync_state(self, peer: Peer, msg: dict, now: float, acts: Actions) -> None:
+        if peer.state != ADMITTED:
+            acts.send(peer.peer_id, self._plan_msg(msg["req"], 0, sync.Plan(
+                sync.STATE, "not admitted yet: sync_shared_state() needs connect() to return")))
+            return
+        report = sync.SyncReport(
+            peer_id=peer.peer_id,
+            serial=peer.serial,
+            p2p_address=peer.p2p_address,
+            req=msg["req"],
+            revision=msg["revision"],
+            strategy=msg["strategy"],
+            tensors=msg["tensors"],
+        )
+        rnd = self.sync_rounds.get(peer.group)
+        if rnd is None:
+            rnd = sync.SyncRound(group=peer.group, deadline=now + self.vote_timeout)
+            self.sync_rounds[peer.group] = rnd
+        if rnd.phase == "transfer":
+            rnd.queued[peer.peer_id] = report  # its next sync, after this transfer
+            return
+        rnd.reports[peer.peer_id] = report
+        self._sync_maybe_elect(rnd, now, acts)
+
+    def _sync_maybe_elect(self, rnd: sync.SyncRound, now: float, acts: Actions) -> None:
+        members = [p.peer_id for p in self.admitted() if p.group == rnd.group]
+        if rnd.phase != "collect" or not all(pid in rnd.reports for pid in members):
+            return
+        reports = [r for pid, r in rnd.reports.items() if pid in self.peers]
+        if not reports:
+            del self.sync_rounds[rnd.group]
+            return
+        revision, plans, _ = sync.elect(reports, self.sync_revisions.get(rnd.group))
+        if any(p.ok for p in plans.values()):
+            self.sync_revisions[rnd.group] = revision
+            holders = self._sync_holders.setdefault(rnd.group, set())
+            holders.update(pid for pid, p in plans.items() if p.ok)
+        self.counters["syncs"] += 1
+        rnd.revision = revision
+        rnd.receivers = {pid for pid, p in plans.items() if p.ok and p.fetch}
+        rnd.distributors = {pid for pid, p in plans.items() if p.ok and p.serve}
+        for r in reports:
+            acts.send(r.peer_id, self._plan_msg(r.req, revision, plans[r.peer_id]))
+        if rnd.receivers:
+            self.counters["syncs_transferred"] += 1
+            rnd.phase = "transfer"
+            rnd.deadline = now + self.sync_timeout
+        else:
+            self._sync_finish(rnd, now, acts)
+
+    @staticmethod
+    def _plan_msg(req: int, revision: int, plan: sync.Plan) -> dict:
+        return {
+            "type": "sync_plan",
+            "req": req,
+            "revision": revision,
+            "error": plan.error_kind,
+            "reason": plan.reason[:1024],
+            "fetch": plan.fetch,
+            "serve": plan.serve,
+        }
+
+    def _sync_done(self, peer: Peer, revision: int, ok: bool, now: float, acts: Actions) -> None:
+        rnd = self.sync_rounds.get(peer.group)
+        if rnd is None or rnd.phase != "transfer" or revision != rnd.revision:
+            return  # stale: that transfer is over
+        if peer.peer_id in rnd.receivers:
+            rnd.receivers.discard(peer.peer_id)
+            rnd.all_ok = rnd.all_ok and ok
+            if not rnd.receivers:
+                self._sync_finish(rnd, now, acts)
+
+    def _sync_finish(self, rnd: sync.SyncRound, now: float, acts: Actions) -> None:
+        """Release the distributors; start the next round with what queued."""
+        for pid in sorted(rnd.distributors):
+            if pid in self.peers:
+                acts.send(pid, {"type": "sync_end", "revision": rnd.revision, "ok": rnd.all_ok})
+        del self.sync_rounds[rnd.group]
+        queued = {pid: r for pid, r in rnd.queued.items() if pid in self.peers}
+        if queued:
+            nxt = sync.SyncRound(group=rnd.group, deadline=now + self.vote_timeout, reports=queued)
+            self.sync_rounds[rnd.group] = nxt
+            self._sync_maybe_elect(nxt, now, acts)
+
+    def _sync_forget(self, peer: Peer, now: float, acts: Actions) -> None:
+        """A peer left the run: its report no longer counts and it no longer
+        owes a ``sync_done``; a group with no member forgets its revision."""
+        rnd = self.sync_rounds.get(peer.group)
+        if rnd is not None:
+            rnd.reports.pop(peer.peer_id, None)
+            rnd.queued.pop(peer.peer_id, None)
+            rnd.distributors.discard(peer.peer_id)
+            if rnd.phase == "transfer":
+                if peer.peer_id in rnd.receivers:
+                    rnd.receivers.discard(peer.peer_id)
+                    rnd.all_ok = False
+                    if not rnd.receivers:
+                        self._sync_finish(rnd, now, acts)
+            else:
+                self._sync_maybe_elect(rnd, now, acts)
+        holders = self._sync_holders.get(peer.group, set())
+        holders.discard(peer.peer_id)
+        if not holders:
+            # Nobody who ever held this group's state is left: forget its
+            # revision, so peers restarting from a checkpoint can sync again.
+            self._sync_holders.pop(peer.group, None)
+            self.sync_revisions.pop(peer.group, None)
+        if not any(p.group == peer.group for p in self.admitted()):
+            rnd = self.sync_rounds.pop(peer.group, None)
+            if rnd is not None:
+                for pid in rnd.distributors:
+                    acts.send(pid, {"type": "sync_end", "revision": rnd.revision, "ok": False})
+
+    def _sync_tick(self, now: float, acts: Actions) -> None:
+        for rnd in list(self.sync_rounds.values()):
+            if now < rnd.deadline or self.sync_rounds.get(rnd.group) is not rnd:
+                continue
+            if rnd.phase == "collect":
+                # Members that never reported are evicted, as in a vote.
+                for peer in self.admitted():
+                    if peer.group == rnd.group and peer.peer_id not in rnd.reports:
+                        reason = "did not call sync_shared_state within the vote timeout"
+                        self._remove(peer, "evicted", reason, now, acts)
+                if self.sync_rounds.get(rnd.group) is rnd:
+                    self._sync_maybe_elect(rnd, now, acts)
+            else:
+                rnd.all_ok = False
+                rnd.receivers.clear()
+                self._sync_finish(rnd, now, acts)
 
     def _event(
         self, acts: Actions, kind: str, now: float, peer: Peer | None, reason: str | None = None

@@ -218,8 +218,12 @@ on_hello(void *arg, int fd, const pccl__hs_server *st)
     uint16_t status;
     uint64_t id;
 
+    if (h->purpose == PCCL__PURPOSE_XFER) {
+        pccl__xfer_on_hello(comm, fd, st); /* shared-state transfer: xfer.c */
+        return;
+    }
     if (h->purpose != PCCL__PURPOSE_RING) {
-        answer(comm, fd, st, PCCL_ENOTSUP, 0); /* XFER/PROBE: reserved */
+        answer(comm, fd, st, PCCL_ENOTSUP, 0); /* PROBE: reserved */
         return;
     }
     pccl__mutex_lock(&comm->mtx);
@@ -396,6 +400,7 @@ pccl_comm_create(const pccl_comm_config *cfg, pccl_comm **out)
     comm->handshake_timeout_ms = cfg->handshake_timeout_ms;
     comm->engine_wake.fd = -1;
     comm->setup_wake.fd = -1;
+    comm->xfer_stop.fd = -1;
     for (k = 0; k < PCCL_MAX_CONNECTIONS; k++) {
         comm->in_fd[k] = -1;
     }
@@ -419,6 +424,10 @@ pccl_comm_create(const pccl_comm_config *cfg, pccl_comm **out)
     if ((rv = pccl__event_init(&comm->setup_wake)) != 0) {
         goto fail_ev;
     }
+    if ((rv = pccl__xfer_init(comm)) != 0) {
+        pccl__event_fini(&comm->setup_wake);
+        goto fail_ev;
+    }
     if ((rv = pccl__listener_open(&comm->listener, &addr, comm->secret, comm->secret_len,
                                   comm->handshake_timeout_ms, &lops, comm)) != 0) {
         goto fail_ev2;
@@ -440,6 +449,7 @@ pccl_comm_create(const pccl_comm_config *cfg, pccl_comm **out)
 fail_listener:
     pccl__listener_close(&comm->listener);
 fail_ev2:
+    pccl__xfer_fini(comm);
     pccl__event_fini(&comm->setup_wake);
 fail_ev:
     pccl__event_fini(&comm->engine_wake);
@@ -515,6 +525,7 @@ pccl_comm_close(pccl_comm *comm)
     pccl__mutex_unlock(&comm->mtx);
 
     pccl__listener_stop(&comm->listener);
+    pccl__xfer_close(comm);
     pccl__engine_join(comm);
 
     pccl__mutex_lock(&comm->mtx);
@@ -536,6 +547,7 @@ comm_destroy(pccl_comm *comm)
     size_t i;
 
     pccl__listener_close(&comm->listener);
+    pccl__xfer_fini(comm);
     pccl__event_fini(&comm->engine_wake);
     pccl__event_fini(&comm->setup_wake);
     seq_clear(&comm->seqs);

@@ -85,6 +85,18 @@ enum pccl__slot_state {
     PCCL__SLOT_FILLED = 2
 };
 
+/* A buffer published for shared-state transfers (xfer.c). */
+typedef struct pccl__xfer_entry {
+    struct pccl__xfer_entry *next;  /* (mtx) */
+    uint64_t key;
+    const uint8_t *buf;             /* the caller's, read-only */
+    size_t len;
+    uint32_t users;                 /* (mtx) serving threads reading buf */
+    int revoked;                    /* (mtx) unpublish started: serve no more */
+    uint64_t tx_bytes;              /* (mtx) payload bytes sent from buf */
+    pccl__event revoke;             /* signalled at unpublish/close: wakes senders */
+} pccl__xfer_entry;
+
 struct pccl_comm {
     /* constant after create */
     uint32_t nconns;
@@ -140,6 +152,11 @@ struct pccl_comm {
     pccl__parked_hello *parked;
     uint32_t nparked;
 
+    /* shared-state transfers (mtx) */
+    pccl__xfer_entry *xfer_entries;
+    uint32_t xfer_nservers;      /* serving threads alive */
+    pccl__event xfer_stop;       /* signalled once, at close */
+
     /* the engine */
     pccl__thread engine;
     pccl__poller poller;
@@ -163,5 +180,16 @@ void pccl__engine_wake(pccl_comm *comm);
 uint32_t pccl__seq_peek(const pccl__seq_table *t, uint64_t tag);
 /* pccl__op_finish marks op done with rv and wakes waiters; mtx held. */
 void pccl__op_finish_locked(pccl_comm *comm, pccl_op_handle *op, pccl_result rv);
+
+/* xfer.c */
+/* pccl__xfer_init / fini: the transfer part of create and destroy. */
+pccl_result pccl__xfer_init(pccl_comm *comm);
+void pccl__xfer_fini(pccl_comm *comm);
+/* pccl__xfer_on_hello takes an authenticated PURPOSE_XFER connection and
+ * serves it on a thread of its own (or refuses it).  Takes fd. */
+void pccl__xfer_on_hello(pccl_comm *comm, int fd, const pccl__hs_server *st);
+/* pccl__xfer_close cuts off every transfer and waits for the serving
+ * threads; close calls it after the listener stopped. */
+void pccl__xfer_close(pccl_comm *comm);
 
 #endif

@@ -22,6 +22,7 @@ pccl_strerror(pccl_result rv)
         [PCCL_EADDR] = "bad or unusable address",
         [PCCL_ECONNREFUSED] = "connection refused",
         [PCCL_ERINGBROKEN] = "ring broken by an earlier failure; set the ring again",
+        [PCCL_ENOTFOUND] = "nothing is published under that key",
     };
     if (rv & PCCL_ESYSERR) {
         /* strerror() is not thread-safe; a fixed text keeps this static. */

@@ -44,7 +44,7 @@ enum pccl__hs_consts {
 /* What a connection is for. */
 enum pccl__hs_purpose {
     PCCL__PURPOSE_RING = 1,  /* ring link: from_rank -> to_rank */
-    PCCL__PURPOSE_XFER = 2,  /* shared-state transfer (reserved) */
+    PCCL__PURPOSE_XFER = 2,  /* shared-state transfer (core/xfer.c) */
     PCCL__PURPOSE_PROBE = 3  /* bandwidth probe (reserved) */
 };
 
