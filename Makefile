@@ -51,10 +51,11 @@ test-py: install
 
 test: test-c lint test-py
 
-# A master and three peers training; one peer is SIGKILLed mid-run and a new
-# one joins, and training carries on with bit-identical state everywhere.
+# A pccl-master and three peers training a character-level language model
+# with DiLoCo; one peer is SIGKILLed a third into the run, a new one joins and
+# catches up through shared state, and training carries on to the end.
 demo: install
-	$(PY) examples/allreduce_dynamic.py --local --peers 3 --chaos
+	$(PY) examples/diloco_train.py --local 3 --chaos --outer-steps 9 --out-dir build/demo
 
 bench: install
 	$(PY) benchmarks/allreduce_loopback.py

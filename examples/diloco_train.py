@@ -1,0 +1,349 @@
+"""Train a small character-level language model with DiLoCo over pccl.
+
+Every peer trains the same transformer (same seed) on its own random
+windows of the Python standard library's source; every ``--sync-every``
+inner AdamW steps the peers average their pseudo-gradients and take an
+outer Nesterov step (pccl.diloco).  Peers may join and die while the run
+goes on (docs/diloco.md).
+
+One peer of a run whose master already runs::
+
+    pccl-master --listen 0.0.0.0:48148 &
+    python examples/diloco_train.py --master 127.0.0.1:48148 --world 3 --data-shard 0
+
+A whole run on this machine: an in-process master and three peers; with
+``--chaos`` one peer is SIGKILLed at a third of the run and a new one joins::
+
+    python examples/diloco_train.py --local 3 --chaos --outer-steps 12
+
+Alone (no master; the outer step still runs, over one peer)::
+
+    python examples/diloco_train.py --outer-steps 5
+
+Each outer step prints the training and validation loss, tokens/s, the
+peers that took part, and the bytes this peer sent; at the end the loss
+curves are saved as a PNG in ``--out-dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import torch
+
+import pccl
+from pccl.diloco import AsyncDiLoCo, DiLoCo
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _charlm import SIZES, Batches, CharLM, evaluate, load_corpus, param_count  # noqa: E402
+
+QUANTIZATION = {"none": pccl.Quantization.NONE, "uint8": pccl.Quantization.UINT8_MINMAX}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    run = p.add_argument_group("the run")
+    run.add_argument("--master", help="HOST:PORT of a pccl-master; without it (and without "
+                     "--local) this process trains alone")
+    run.add_argument("--peer-group", type=int, default=0, help="pccl peer group")
+    run.add_argument("--world", type=int, default=1,
+                     help="peers to wait for before training starts (0: join a running run "
+                     "and train from the next outer step)")
+    run.add_argument("--local", type=int, metavar="N",
+                     help="start a master and N peers of this script on this machine")
+    run.add_argument("--chaos", action="store_true",
+                     help="with --local: SIGKILL one peer a third into the run, then start a "
+                     "new one that joins")
+    algo = p.add_argument_group("DiLoCo")
+    algo.add_argument("--sync-every", type=int, default=30, help="H: inner steps per outer step")
+    algo.add_argument("--outer-steps", type=int, default=20, help="outer steps to train")
+    algo.add_argument("--async", dest="async_", action="store_true",
+                      help="AsyncDiLoCo: overlap the all-reduce with the next inner steps")
+    algo.add_argument("--quantize", choices=sorted(QUANTIZATION), default="none",
+                      help="wire compression of the pseudo-gradients")
+    algo.add_argument("--outer-lr", type=float, default=0.7)
+    algo.add_argument("--outer-momentum", type=float, default=0.9)
+    algo.add_argument("--no-diloco", action="store_true",
+                      help="plain training without the outer optimizer (a baseline; alone only)")
+    train = p.add_argument_group("training")
+    train.add_argument("--seed", type=int, default=0,
+                       help="model initialisation (the same on every peer)")
+    train.add_argument("--data-shard", type=int,
+                       help="seeds this peer's data sampling (default: the process id)")
+    train.add_argument("--model", choices=sorted(SIZES), default="small")
+    train.add_argument("--batch-size", type=int, default=16, help="sequences per inner step")
+    train.add_argument("--lr", type=float, default=3e-3, help="inner AdamW learning rate")
+    train.add_argument("--chars", type=int, default=3_000_000,
+                       help="characters of the stdlib corpus to use")
+    train.add_argument("--eval-batches", type=int, default=4,
+                       help="validation batches evaluated after every outer step")
+    out = p.add_argument_group("output")
+    out.add_argument("--out-dir", default="diloco-out", help="where the plot and history go")
+    out.add_argument("--no-progress", action="store_true", help="no progress bar")
+    out.add_argument("--name", help="label of this peer in the output (default: its peer id)")
+    args = p.parse_args(argv)
+    if args.sync_every < 1:
+        p.error("--sync-every must be >= 1")
+    if args.no_diloco and (args.master or args.local):
+        p.error("--no-diloco trains alone: no --master or --local")
+    if args.chaos and not args.local:
+        p.error("--chaos needs --local N")
+    return args
+
+
+# --------------------------------------------------------------------------
+# One peer.
+
+
+def outer_hash(diloco: DiLoCo) -> str:
+    """A hash of the shared state: equal on every peer after each outer step."""
+    h = hashlib.sha256()
+    for name, t in sorted(diloco.shared_state().items()):
+        h.update(name.encode())
+        h.update(t.detach().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def connect(args: argparse.Namespace):
+    comm = pccl.Communicator(args.master, peer_group=args.peer_group,
+                             secret=os.environ.get("PCCL_SECRET"))
+    comm.connect()  # a newcomer is admitted at the running peers' next outer step
+    deadline = time.monotonic() + 300
+    while comm.world_size < args.world:  # peers that start together wait for each other
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {comm.world_size} of {args.world} peers arrived")
+        comm.update_topology(timeout=300)
+    return comm
+
+
+def train(args: argparse.Namespace) -> dict:
+    from tqdm import tqdm
+
+    torch.set_num_threads(1)
+    corpus = load_corpus(args.chars)
+    torch.manual_seed(args.seed)
+    model = CharLM(SIZES[args.model])
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    shard = os.getpid() if args.data_shard is None else args.data_shard
+    data = Batches(corpus.train, args.batch_size, model.cfg.context, seed=1_000_003 * shard + 1)
+    tokens_per_step = args.batch_size * model.cfg.context
+
+    comm = connect(args) if args.master else None
+    name = args.name or (comm.peer_id if comm is not None else "alone")
+    say = print if args.no_progress else tqdm.write
+    say(f"[{name}] {param_count(model) / 1e3:.0f} K parameters, corpus: {corpus.description}; "
+        f"H={args.sync_every}, {'async ' if args.async_ else ''}DiLoCo, "
+        f"quantization {args.quantize}" + (f", world {comm.world_size}" if comm else ""))
+    diloco = None
+    if not args.no_diloco:
+        cls = AsyncDiLoCo if args.async_ else DiLoCo
+        diloco = cls(model, comm, opt, outer_lr=args.outer_lr, outer_momentum=args.outer_momentum,
+                     sync_every=args.sync_every, quantization=QUANTIZATION[args.quantize])
+
+    history: list[dict] = []
+    outer_step = diloco.outer_step if diloco else 0
+    bar = tqdm(total=args.outer_steps, initial=outer_step, unit="outer", desc=name,
+               disable=args.no_progress, dynamic_ncols=True)
+    inner_steps = 0
+    while outer_step < args.outer_steps:
+        t0 = time.perf_counter()
+        losses = []
+        info = None
+        for _ in range(args.sync_every):
+            x, y = data.next()
+            loss = model.loss(x, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            inner_steps += 1
+            info = diloco.step() if diloco else None
+        elapsed = time.perf_counter() - t0
+        outer_step = info.outer_step if info else outer_step + 1
+        val = evaluate(model, corpus.val, batches=args.eval_batches)
+        rec = {
+            "outer_step": outer_step,
+            "inner_steps": inner_steps,
+            "tokens": inner_steps * tokens_per_step,
+            "train_loss": sum(losses) / len(losses),
+            "val_loss": val,
+            "tokens_per_s": args.sync_every * tokens_per_step / elapsed,
+            "world": info.world_size if info else 1,
+            "group": info.group_world_size if info else 1,
+            "tx_bytes": info.tx_bytes if info else 0,
+            "comm_s": info.comm_seconds if info else 0.0,
+            "seconds": elapsed,
+            "hash": outer_hash(diloco) if diloco else "",
+        }
+        history.append(rec)
+        say(f"[{name}] outer {outer_step}/{args.outer_steps} train {rec['train_loss']:.3f} "
+            f"val {val:.3f} | {rec['tokens_per_s']:,.0f} tok/s | peers {rec['world']} "
+            f"(group {rec['group']}) | sent {rec['tx_bytes'] / 1e6:.2f} MB | "
+            f"comm {rec['comm_s']:.2f} s | state {rec['hash']}")
+        bar.update(outer_step - bar.n)
+        bar.set_postfix(loss=f"{rec['train_loss']:.3f}", val=f"{val:.3f}")
+    bar.close()
+    if diloco is not None:
+        diloco.finish()
+    final_val = evaluate(model, corpus.val, batches=4 * args.eval_batches)
+    result = {
+        "name": name,
+        "args": {k: v for k, v in vars(args).items()},
+        "params": param_count(model),
+        "final_val_loss": final_val,
+        "final_hash": outer_hash(diloco) if diloco else "",
+        "history": history,
+    }
+    if comm is not None:
+        comm.close()
+    os.makedirs(args.out_dir, exist_ok=True)
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+    with open(os.path.join(args.out_dir, f"history-{safe}.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    plot_path = os.path.join(args.out_dir, f"loss-{safe}.png")
+    plot({name: history}, plot_path, f"{name}: char-LM, H={args.sync_every}")
+    say(f"[{name}] done: final validation loss {final_val:.4f}; plot {plot_path}")
+    result["plot"] = plot_path
+    return result
+
+
+def plot(histories: dict[str, list[dict]], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, hist in histories.items():
+        if not hist:
+            continue
+        tokens = [r["tokens"] / 1e6 for r in hist]
+        line = ax.plot(tokens, [r["train_loss"] for r in hist], alpha=0.5, label=f"{label} train")
+        ax.plot(tokens, [r["val_loss"] for r in hist], color=line[0].get_color(),
+                label=f"{label} val")
+    ax.set_xlabel("tokens seen by the peer (M)")
+    ax.set_ylabel("loss (nats/char)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------
+# A whole run on this machine.
+
+
+def local_job(args: argparse.Namespace) -> int:
+    """An in-process master and ``args.local`` peers of this script; with
+    ``--chaos`` one is SIGKILLed a third into the run and a new one joins."""
+    out_dir = os.path.abspath(args.out_dir)
+    common = ["--sync-every", str(args.sync_every), "--outer-steps", str(args.outer_steps),
+              "--quantize", args.quantize, "--seed", str(args.seed), "--model", args.model,
+              "--batch-size", str(args.batch_size), "--lr", str(args.lr),
+              "--outer-lr", str(args.outer_lr), "--outer-momentum", str(args.outer_momentum),
+              "--chars", str(args.chars), "--eval-batches", str(args.eval_batches),
+              "--out-dir", out_dir, "--no-progress"]
+    if args.async_:
+        common.append("--async")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs: dict[str, subprocess.Popen] = {}
+    progress: dict[str, int] = {}
+    cond = threading.Condition()
+
+    with pccl.MasterNode(listen="127.0.0.1:0") as master:
+        print(f"master at {master.address}; {args.local} peers, {args.outer_steps} outer steps "
+              f"of H={args.sync_every}", flush=True)
+
+        def pump(label: str, proc: subprocess.Popen) -> None:
+            for line in proc.stdout:
+                sys.stdout.write(f"{label}: {line}")
+                sys.stdout.flush()
+                m = re.search(r"\] outer (\d+)/", line)
+                if m:
+                    with cond:
+                        progress[label] = int(m.group(1))
+                        cond.notify_all()
+
+        def spawn(index: int, world: int) -> None:
+            label = f"peer{index}"
+            proc = subprocess.Popen(
+                [sys.executable, os.path.abspath(__file__), "--master", master.address,
+                 "--world", str(world), "--data-shard", str(index), "--name", label, *common],
+                stdout=subprocess.PIPE, text=True, bufsize=1, env=env,
+                cwd=os.path.dirname(os.path.abspath(__file__)))
+            procs[label] = proc
+            threading.Thread(target=pump, args=(label, proc), daemon=True).start()
+
+        try:
+            for i in range(args.local):
+                spawn(i, args.local)
+            if args.chaos:
+                kill_at = max(1, args.outer_steps // 3)
+                with cond:
+                    if not cond.wait_for(lambda: progress.get("peer1", 0) >= kill_at,
+                                         timeout=3600):
+                        raise TimeoutError("peer1 never reached the kill point")
+                print(f"*** SIGKILL peer1 (pid {procs['peer1'].pid}) after outer step "
+                      f"{progress['peer1']}", flush=True)
+                procs["peer1"].send_signal(signal.SIGKILL)
+                procs["peer1"].wait()
+                # Start the newcomer once the survivors finished an outer step
+                # without peer1 (so it is admitted at a regular vote, not at the
+                # retry vote inside the reduction that notices the loss).
+                with cond:
+                    cond.wait_for(lambda: progress.get("peer0", 0) > progress["peer1"],
+                                  timeout=3600)
+                spawn(args.local, 0)  # joins at the others' next outer step
+            codes = {label: p.wait(timeout=24 * 3600) for label, p in procs.items()}
+        finally:
+            for p in procs.values():
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+
+    results = {}
+    for label in procs:
+        path = os.path.join(out_dir, f"history-{label}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                results[label] = json.load(f)
+    plot_path = os.path.join(out_dir, "loss.png")
+    plot({label: r["history"] for label, r in results.items()}, plot_path,
+         f"DiLoCo, {args.local} peers, H={args.sync_every}" + (" (chaos)" if args.chaos else ""))
+    print("\nsummary:")
+    for label, r in results.items():
+        print(f"  {label}: final validation loss {r['final_val_loss']:.4f}, "
+              f"outer state {r['final_hash']}, exit code {codes[label]}")
+    hashes = {r["final_hash"] for r in results.values()}
+    agree = "identical on every peer that finished" if len(hashes) == 1 else "DIFFERS"
+    print(f"  final outer state: {agree}")
+    print(f"  plot: {plot_path}")
+    bad = [label for label, c in codes.items() if c not in (0, -signal.SIGKILL)]
+    return 1 if bad or len(hashes) != 1 else 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.local:
+        return local_job(args)
+    train(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
