@@ -9,12 +9,24 @@ when importable) that reads and dispatches every message, heartbeats every
 Threads:
 
 * The **user thread** sends requests (:meth:`MasterLink.send`) and waits
-  for replies on :class:`concurrent.futures.Future` objects registered
-  under a key *before* the request goes out (:meth:`MasterLink.expect`).
-* The **loop thread** resolves those futures, and calls the owner's
+  for replies on waiters registered under a key *before* the request goes
+  out (:meth:`MasterLink.expect`, :meth:`MasterLink.wait`).
+* The **loop thread** fills those waiters, and calls the owner's
   ``on_abort`` callback directly for ``abort`` (and failed ``op_outcome``)
   messages, so a collective blocked in C (which released the GIL) is
   aborted at once.
+
+Every collective waits for its verdict, so that wait is on the critical
+path of every operation.  A thread waiting for a reply therefore reads the
+socket *itself* (Linux): it disarms the loop thread's one-shot epoll watch
+on the socket, polls the socket, parses and dispatches what arrives (its
+own reply, and anything else, in order) and re-arms the watch when its
+reply is there.  The reply wakes the waiting thread directly, and the
+loop thread (heartbeats, the silence watchdog) sleeps through it: no
+thread hand-off per operation.  While nobody waits (a collective blocked
+in C), the loop thread reads, so an ``abort`` acts at once.  One lock
+serialises the reading; a second waiting thread sleeps on its waiter (a
+pre-acquired lock), filled by whichever thread reads its reply.
 
 Frames are written straight to the socket under a lock from whichever
 thread sends: an ``op_done`` leaves the user thread in one system call
@@ -30,8 +42,9 @@ message, and ``on_lost`` is called once.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
+import os
+import select
 import socket
 import threading
 import time
@@ -50,6 +63,10 @@ _MAX_EARLY = 4096
 # (an "evicted" or a close, e.g. right after this process was SIGCONTed)
 # this long to be read first, so the error names the real cause.
 _SILENCE_GRACE = 0.05
+# A thread reading the socket for its reply re-checks the link's state (a
+# failure the loop thread found) this often.
+_DIRECT_SLICE = 0.05
+_RECV_BYTES = 262144
 
 
 def _new_event_loop() -> asyncio.AbstractEventLoop:
@@ -58,6 +75,37 @@ def _new_event_loop() -> asyncio.AbstractEventLoop:
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
         return asyncio.new_event_loop()
     return uvloop.new_event_loop()
+
+
+class Waiter:
+    """One expected message: filled once (by the loop thread, or with the
+    link's error), awaited by one user thread."""
+
+    __slots__ = ("_ready", "_filled", "msg", "error")
+
+    def __init__(self) -> None:
+        self._ready = threading.Lock()
+        self._ready.acquire()  # released by fill(): the waiter's wake-up
+        self._filled = False
+        self.msg: dict | None = None
+        self.error: errors.PcclError | None = None
+
+    def fill(self, msg: dict | None = None, error: errors.PcclError | None = None) -> None:
+        """Exactly once per waiter (the link's lock guarantees it)."""
+        self.msg = msg
+        self.error = error
+        self._filled = True
+        self._ready.release()
+
+    def done(self) -> bool:
+        return self._filled
+
+    def wait(self, timeout: float | None) -> bool:
+        """Whether it was filled within ``timeout`` seconds (None: no limit)."""
+        if not self._ready.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
+            return False
+        self._ready.release()  # stays filled for anyone asking again
+        return True
 
 
 @dataclass(frozen=True)
@@ -86,7 +134,7 @@ class MasterLink:
         self._sock: socket.socket | None = None
         self._send_lock = threading.Lock()
         self._lock = threading.Lock()  # guards the maps and the failure below
-        self._waiters: dict[Hashable, concurrent.futures.Future] = {}
+        self._waiters: dict[Hashable, Waiter] = {}
         self._early: OrderedDict[Hashable, dict] = OrderedDict()
         self._failure: tuple[type[errors.PcclError], str] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -94,6 +142,13 @@ class MasterLink:
         self._rx = bytearray()
         self._last_rx = 0.0
         self._leftover = b""
+        # Reading (see the module doc): _rx_lock guards recv, _rx and the
+        # parse; _watch is the loop thread's one-shot epoll watch on the
+        # socket (None without epoll: then the loop thread alone reads);
+        # _direct says a waiting thread reads and the watch is disarmed.
+        self._rx_lock = threading.Lock()
+        self._watch: select.epoll | None = None
+        self._direct = False
         self.address = ""
         self.welcome: Welcome | None = None
 
@@ -146,7 +201,10 @@ class MasterLink:
         # From here on, a send that cannot complete within the heartbeat
         # timeout means the master is gone.
         assert self._sock is not None
-        self._sock.settimeout(welcome.heartbeat_timeout)
+        self._sock.settimeout(welcome.heartbeat_timeout)  # also: fd non-blocking
+        if hasattr(select, "epoll"):
+            self._watch = select.epoll(1)
+            self._watch.register(self._sock.fileno(), select.EPOLLIN | select.EPOLLONESHOT)
         started = threading.Event()
         self._thread = threading.Thread(
             target=self._run, args=(started,), name="pccl-master-link", daemon=True
@@ -268,36 +326,134 @@ class MasterLink:
         self._fail(errors.MasterConnectionError, f"lost the connection to the master: {err}")
         self._raise_if_failed()
 
-    def expect(self, key: Hashable) -> concurrent.futures.Future:
-        """A future for the master's message filed under ``key``.  Register
+    def expect(self, key: Hashable) -> Waiter:
+        """A waiter for the master's message filed under ``key``.  Register
         it before sending the request it answers."""
-        fut: concurrent.futures.Future = concurrent.futures.Future()
+        waiter = Waiter()
         with self._lock:
             if self._failure is not None:
-                fut.set_exception(self._failure[0](self._failure[1]))
-                return fut
+                waiter.fill(error=self._failure[0](self._failure[1]))
+                return waiter
             early = self._early.pop(key, None)
             if early is not None:
-                fut.set_result(early)
+                waiter.fill(early)
             else:
-                self._waiters[key] = fut
-        return fut
+                self._waiters[key] = waiter
+        return waiter
 
-    def wait(
-        self, key: Hashable, fut: concurrent.futures.Future, timeout: float | None, what: str
-    ) -> dict:
-        """The message ``fut`` resolves to; raises the link's error, or
+    def wait(self, key: Hashable, waiter: Waiter, timeout: float | None, what: str) -> dict:
+        """The message ``waiter`` receives; raises the link's error, or
         PcclTimeoutError after ``timeout`` seconds (None: until the link
         fails, which the heartbeat watchdog bounds)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not waiter.done() and self._watch is not None:
+            if self._become_reader():
+                try:
+                    self._read_until(waiter, deadline)
+                finally:
+                    self._stop_reading()
+                break
+            # Another thread reads: it fills this waiter when the reply
+            # comes, or re-arms the loop's watch when it stops.
+            if self._failure is not None or self._sock is None:
+                break
+            remaining = _DIRECT_SLICE
+            if deadline is not None:
+                remaining = min(remaining, deadline - time.monotonic())
+                if remaining <= 0:
+                    break
+            waiter.wait(remaining)
+        return self._result(key, waiter, deadline, timeout, what)
+
+    def request(self, key: Hashable, msg: dict, timeout: float | None, what: str) -> dict:
+        """Send ``msg`` and wait for the master's message filed under
+        ``key`` (expect, send, wait), reading from before the send so that
+        even an immediate reply wakes this thread directly."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        waiter = self.expect(key)
+        reading = self._become_reader()
         try:
-            return fut.result(timeout)
-        except concurrent.futures.TimeoutError:
+            self.send(msg)
+            if reading:
+                self._read_until(waiter, deadline)
+        finally:
+            if reading:
+                self._stop_reading()
+        if not waiter.done():
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            return self.wait(key, waiter, remaining, what)
+        return self._result(key, waiter, deadline, timeout, what)
+
+    def _result(
+        self,
+        key: Hashable,
+        waiter: Waiter,
+        deadline: float | None,
+        timeout: float | None,
+        what: str,
+    ) -> dict:
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if not waiter.wait(remaining):
             with self._lock:
-                if self._waiters.get(key) is fut:
+                if self._waiters.get(key) is waiter:
                     del self._waiters[key]
-            if fut.done() and not fut.cancelled():
-                return fut.result()
-            raise errors.PcclTimeoutError(f"{what}: no answer within {timeout:g} s") from None
+            if not waiter.done():
+                raise errors.PcclTimeoutError(f"{what}: no answer within {timeout:g} s")
+            waiter.wait(None)  # filled while we gave up: it is released already
+        if waiter.error is not None:
+            raise waiter.error
+        assert waiter.msg is not None
+        return waiter.msg
+
+    def _become_reader(self) -> bool:
+        """Take over reading from the loop thread (see the module doc);
+        False when another thread reads or the link is down."""
+        with self._lock:
+            if self._direct or self._failure is not None or self._sock is None:
+                return False
+            if self._watch is None:
+                return False
+            self._direct = True
+            self._set_watch(select.EPOLLONESHOT)  # errors only, once
+        with self._rx_lock:
+            pass  # a read the loop thread began has dispatched (see _on_readable)
+        return True
+
+    def _stop_reading(self) -> None:
+        with self._lock:
+            self._direct = False
+            self._set_watch(select.EPOLLIN | select.EPOLLONESHOT)
+
+    def _read_until(self, waiter: Waiter, deadline: float | None) -> None:
+        """As the reader, read the socket until ``waiter`` is filled, the
+        link fails or ``deadline`` passes."""
+        sock = self._sock
+        if sock is None:
+            return
+        try:
+            poller = select.poll()
+            poller.register(sock.fileno(), select.POLLIN)
+            while not waiter.done() and self._failure is None:
+                remaining = _DIRECT_SLICE
+                if deadline is not None:
+                    remaining = min(remaining, deadline - time.monotonic())
+                    if remaining <= 0:
+                        return
+                if poller.poll(remaining * 1000.0):
+                    with self._rx_lock:
+                        self._read_available()
+        except (OSError, ValueError):  # the socket was closed under us
+            return
+
+    def _set_watch(self, events: int) -> None:
+        """Arm (EPOLLIN) or disarm the loop's watch; under self._lock."""
+        watch, sock = self._watch, self._sock
+        if watch is None or sock is None or self._failure is not None:
+            return
+        try:
+            watch.modify(sock.fileno(), events)
+        except (OSError, ValueError):  # closed meanwhile
+            pass
 
     def forget(self, key: Hashable) -> None:
         """Drop a waiter nobody will read (an abandoned request)."""
@@ -370,8 +526,11 @@ class MasterLink:
         self._thread = None
 
     def _close_socket(self) -> None:
-        with self._send_lock:
+        with self._lock, self._send_lock:
             sock, self._sock = self._sock, None
+            watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.close()
         if sock is not None:
             try:
                 sock.close()
@@ -390,9 +549,8 @@ class MasterLink:
             self._early.clear()
         if notify:
             log.warning("master link to %s failed: %s", self.address, message)
-        for fut in waiters.values():
-            if not fut.done():
-                fut.set_exception(cls(message))
+        for waiter in waiters.values():
+            waiter.fill(error=cls(message))
         loop = self._loop
         if loop is not None and self._thread is not None:
             if self._thread is threading.current_thread():
@@ -415,10 +573,10 @@ class MasterLink:
         self._loop.stop()
 
     def _detach_reader(self) -> None:
-        loop, sock = self._loop, self._sock
+        loop, sock, watch = self._loop, self._sock, self._watch
         if loop is not None and sock is not None:
             try:
-                loop.remove_reader(sock.fileno())
+                loop.remove_reader(watch.fileno() if watch is not None else sock.fileno())
             except (OSError, ValueError):
                 pass
 
@@ -431,11 +589,12 @@ class MasterLink:
         asyncio.set_event_loop(loop)
         assert self._sock is not None and self.welcome is not None
         try:
-            loop.add_reader(self._sock.fileno(), self._on_readable)
+            watched = self._watch.fileno() if self._watch is not None else self._sock.fileno()
+            loop.add_reader(watched, self._on_readable)
             loop.call_soon(self._tick)
             started.set()
             if self._rx:  # bytes that arrived with the welcome
-                loop.call_soon(self._parse)
+                loop.call_soon(self._parse_locked)
             loop.run_forever()
         finally:
             started.set()
@@ -443,12 +602,39 @@ class MasterLink:
             loop.close()
 
     def _on_readable(self) -> None:
+        watch = self._watch
+        if watch is not None:
+            try:
+                watch.poll(0)  # take the event: the one-shot watch is now disarmed
+            except (OSError, ValueError):
+                return
+        with self._rx_lock:
+            # _direct is set under self._lock, and the thread that sets it
+            # then waits for this lock: a read that starts here completes
+            # before that thread looks at its waiter.
+            if self._direct:
+                return  # a waiting thread reads; it re-arms the watch
+            self._read_available()
+        if watch is not None:
+            with self._lock:
+                if not self._direct:
+                    self._set_watch(select.EPOLLIN | select.EPOLLONESHOT)
+
+    def _parse_locked(self) -> None:
+        with self._rx_lock:
+            self._parse()
+
+    def _read_available(self) -> None:
+        """Read what the socket holds and dispatch every whole message;
+        any thread, under self._rx_lock."""
         sock = self._sock
         if sock is None or self._failure is not None:
             return
         try:
-            chunk = sock.recv(262144)
-        except (BlockingIOError, InterruptedError, TimeoutError):
+            # The fd is non-blocking (the socket has a timeout); os.read
+            # returns at once when another thread took the bytes first.
+            chunk = os.read(sock.fileno(), _RECV_BYTES)
+        except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
             self._fail(errors.MasterConnectionError, f"lost the connection to the master: {exc}")
@@ -468,22 +654,25 @@ class MasterLink:
     def _parse(self) -> None:
         rx = self._rx
         header = protocol.HEADER.size
-        while len(rx) >= header and self._failure is None:
-            (length,) = protocol.HEADER.unpack_from(rx)
+        start = 0
+        while len(rx) - start >= header and self._failure is None:
+            (length,) = protocol.HEADER.unpack_from(rx, start)
             if length == 0 or length > protocol.MAX_MESSAGE:
                 self._fail(errors.ProtocolError, f"master sent a frame of length {length}")
                 return
-            end = header + length
+            end = start + header + length
             if len(rx) < end:
-                return
-            body = bytes(rx[header:end])
-            del rx[:end]
+                break
+            body = bytes(rx[start + header : end])
+            start = end
             try:
                 msg = protocol.validate(protocol.decode(body), protocol.TO_PEER)
             except protocol.ProtocolViolation as exc:
                 self._fail(errors.ProtocolError, f"master sent a malformed message: {exc}")
                 return
             self._dispatch(msg)
+        if start:
+            del rx[:start]
 
     def _dispatch(self, msg: dict) -> None:
         kind = msg["type"]
@@ -526,14 +715,13 @@ class MasterLink:
 
     def _resolve(self, key: Hashable, msg: dict) -> None:
         with self._lock:
-            fut = self._waiters.pop(key, None)
-            if fut is None:
+            waiter = self._waiters.pop(key, None)
+            if waiter is None:
                 self._early[key] = msg
                 while len(self._early) > _MAX_EARLY:
                     self._early.popitem(last=False)
                 return
-        if not fut.done():
-            fut.set_result(msg)
+        waiter.fill(msg)
 
     def _tick(self) -> None:
         if self._failure is not None:

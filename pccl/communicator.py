@@ -120,20 +120,12 @@ class ReduceHandle:
                 epoch,
                 local_error,
             )
-        key = ("op", epoch, tag, seq)
         comm, link = self._comm, self._link
         try:
-            fut = link.expect(key)
-            link.send(
-                {
-                    "type": "op_done",
-                    "epoch": epoch,
-                    "tag": tag,
-                    "seq": seq,
-                    "ok": local_error is None,
-                }
-            )
-            verdict = link.wait(key, fut, None, "all_reduce outcome")
+            # One master round trip; this thread reads the verdict itself.
+            report = {"type": "op_done", "epoch": epoch, "tag": tag, "seq": seq}
+            report["ok"] = local_error is None
+            verdict = link.request(("op", epoch, tag, seq), report, None, "all_reduce outcome")
         except errors.PcclError as exc:
             comm._ring_broken = True
             comm._release_scratch(tag, self._scratch)

@@ -59,6 +59,8 @@ def _is_int(value: Any) -> bool:
 
 
 def _uint(value: Any) -> str | None:
+    if type(value) is int and 0 <= value <= MAX_INT:  # the common case, first
+        return None
     if not _is_int(value):
         return f"expected int, got {type(value).__name__}"
     if value < 0 or value > MAX_INT:
@@ -307,11 +309,25 @@ SCHEMAS: dict[str, dict[str, dict[str, Callable[[Any], str | None]]]] = {
 }
 
 
+# SCHEMAS prepared for validate(): per direction and type, the exact key set
+# of a well-formed message and its (field, checker) pairs.
+_COMPILED = {
+    direction: {
+        kind: (frozenset(schema) | {"type"}, tuple(schema.items()))
+        for kind, schema in table.items()
+    }
+    for direction, table in SCHEMAS.items()
+}
+
+
 def validate(msg: Any, direction: str) -> dict:
     """Return ``msg`` if it is a well-formed message for ``direction``
-    (:data:`TO_MASTER` or :data:`TO_PEER`); raise ProtocolViolation otherwise."""
+    (:data:`TO_MASTER` or :data:`TO_PEER`); raise ProtocolViolation otherwise.
+
+    This runs on every message (every collective sends and receives one),
+    so the well-formed case is a key-set comparison and one call per field."""
     try:
-        table = SCHEMAS[direction]
+        table = _COMPILED[direction]
     except (KeyError, TypeError):
         raise ValueError(f"unknown direction {direction!r}") from None
     if not isinstance(msg, dict):
@@ -319,15 +335,18 @@ def validate(msg: Any, direction: str) -> dict:
     kind = msg.get("type")
     if not isinstance(kind, str):
         raise ProtocolViolation("message has no str 'type' field")
-    schema = table.get(kind)
-    if schema is None:
+    compiled = table.get(kind)
+    if compiled is None:
         raise ProtocolViolation(f"unknown message type {kind[:64]!r} ({direction})")
-    for key in msg:
-        if key != "type" and key not in schema:
-            raise ProtocolViolation(f"{kind}: unexpected field {str(key)[:64]!r}")
-    for field, check in schema.items():
-        if field not in msg:
-            raise ProtocolViolation(f"{kind}: missing field {field!r}")
+    keys, checks = compiled
+    if msg.keys() != keys:
+        for key in msg:
+            if key not in keys:
+                raise ProtocolViolation(f"{kind}: unexpected field {str(key)[:64]!r}")
+        for field, _ in checks:
+            if field not in msg:
+                raise ProtocolViolation(f"{kind}: missing field {field!r}")
+    for field, check in checks:
         error = check(msg[field])
         if error:
             raise ProtocolViolation(f"{kind}.{field}: {error}")

@@ -1,11 +1,16 @@
 """The pccl-master network service: handshakes, framing, timers, logging.
 
-One asyncio event loop (uvloop when importable) runs everything: a task per
-connection that authenticates the peer and then reads its messages, a writer
-task per connection draining a bounded queue, one ticking task that drives
-heartbeat and vote deadlines, and the optional status endpoint.  All
-membership logic lives in :mod:`pccl.master.state`; this module only moves
-validated messages in and the state machine's actions out.
+One asyncio event loop (uvloop when importable) runs everything.  Each
+connection is an :class:`asyncio.Protocol`: bytes are cut into frames,
+decoded and validated in ``data_received`` and handed to the state machine
+in the same callback, and the frames the state machine answers with go
+straight to the transport.  No task, queue or timeout object sits between
+a peer's message and the master's reply, so an operation's verdict leaves
+in the loop iteration that received the last ``op_done`` (this is on every
+collective's path; see docs/protocol.md).  One ticking task drives
+heartbeat and vote deadlines; the optional status endpoint runs beside.
+All membership logic lives in :mod:`pccl.master.state`; this module only
+moves validated messages in and the state machine's actions out.
 """
 
 from __future__ import annotations
@@ -13,19 +18,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from typing import Any
 
 from . import protocol
-from .protocol import ConnectionClosed, ProtocolViolation
+from .protocol import ProtocolViolation
 from .state import Actions, Event, MasterState
 
 log = logging.getLogger("pccl.master")
 
-SEND_QUEUE = 1024  # frames waiting for a slow peer before it is dropped
 HANDSHAKE_TIMEOUT = 5.0
+# A peer that does not read: once this much output waits for it at the
+# master, or its output has not moved for WRITE_TIMEOUT, it is dropped as
+# lost (it cannot follow the run).
+SEND_BUFFER_MAX = 4 << 20
 WRITE_TIMEOUT = 5.0
-DRAIN_ABOVE = 256 * 1024  # bytes buffered for one peer before the writer waits
+WRITE_HIGH_WATER = 256 * 1024  # buffered bytes above which the stall clock runs
+CLOSE_FLUSH_TIMEOUT = 1.0  # for a final error/evicted message to leave
 MAX_CONNECTIONS = 4096
+
+_HEADER = protocol.HEADER.size
+_MAX_MESSAGE = protocol.MAX_MESSAGE
+_unpack_header = protocol.HEADER.unpack_from
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -49,67 +63,182 @@ def logline(**fields: Any) -> str:
     return " ".join(f"{k}={_quote(v)}" for k, v in fields.items() if v is not None)
 
 
-def _peername(writer: asyncio.StreamWriter) -> str:
-    peer = writer.get_extra_info("peername")
+def _peername(transport: asyncio.BaseTransport) -> str:
+    peer = transport.get_extra_info("peername")
     if isinstance(peer, tuple) and len(peer) >= 2:
         return protocol.format_hostport(str(peer[0]), int(peer[1]))
     return str(peer)
 
 
-class Connection:
-    """One TCP connection: its streams, its send queue and its writer task."""
+class Connection(asyncio.Protocol):
+    """One TCP connection to the master: frames in, frames out.
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
-        self.reader = reader
-        self.writer = writer
-        self.remote = _peername(writer)
+    Until ``hello`` is verified (within the handshake timeout) the only
+    thing it can do is be welcomed; afterwards every validated message goes
+    to the server as it is cut from the stream.
+    """
+
+    def __init__(self, server: MasterServer):
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.remote = "?"
         self.peer_id: str | None = None
-        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue(SEND_QUEUE)
         self.closing = False
-        self.writer_task: asyncio.Task | None = None
+        self.reason = "connection closed"  # why it ends, for the state machine
+        self._rx = bytearray()
+        self._nonce_m = b""
+        self._timer: asyncio.TimerHandle | None = None  # handshake, stall or flush deadline
+        self._stalled = False
+
+    # -- asyncio.Protocol ------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        self.remote = _peername(transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            # Every message is small and answered: never let Nagle hold one.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        if not self.server._accept(self):
+            self.closing = True
+            transport.abort()
+            return
+        self._nonce_m = protocol.new_nonce()
+        self.send(
+            protocol.encode(
+                {
+                    "type": "challenge",
+                    "version": protocol.PROTOCOL_VERSION,
+                    "nonce": self._nonce_m,
+                    "auth": self.server.secret is not None,
+                }
+            )
+        )
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self.server.handshake_timeout, self._handshake_expired)
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        rx = self._rx
+        rx += data
+        start = 0
+        try:
+            while not self.closing and len(rx) - start >= _HEADER:
+                (length,) = _unpack_header(rx, start)
+                if length > _MAX_MESSAGE:
+                    raise ProtocolViolation(f"frame length {length} exceeds cap {_MAX_MESSAGE}")
+                if length == 0:
+                    raise ProtocolViolation("empty frame")
+                end = start + _HEADER + length
+                if len(rx) < end:
+                    break
+                msg = protocol.validate(
+                    protocol.decode(bytes(rx[start + _HEADER : end])), protocol.TO_MASTER
+                )
+                start = end
+                if self.peer_id is None:
+                    self.server._hello(self, msg)
+                else:
+                    self.server._message(self, msg)
+        except ProtocolViolation as exc:
+            self.server._reject(self, f"protocol violation: {exc}")
+        except Exception as exc:  # a bug: drop this connection, keep the run
+            self.reason = f"internal error: {type(exc).__name__}"
+            log.exception(logline(event="bug", remote=self.remote, peer=self.peer_id))
+            self.close_soon()
+        if self.closing:
+            rx.clear()
+        elif start:
+            del rx[:start]
+
+    def eof_received(self) -> bool:
+        if self.closing:
+            return False
+        rx = self._rx
+        if rx:
+            if len(rx) < _HEADER:
+                why = f"truncated frame: {len(rx)} of {_HEADER} prefix bytes"
+            else:
+                length = int.from_bytes(rx[:_HEADER], "big")
+                why = f"truncated frame: {len(rx) - _HEADER} of {length} body bytes"
+            self.server._reject(self, f"protocol violation: {why}")
+            return True  # the error still goes out on our half; close_soon closes
+        if self.peer_id is None:
+            log.info(logline(event="closed", remote=self.remote, reason="closed in handshake"))
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        self._cancel_timer()
+        if exc is not None and self.reason == "connection closed":
+            self.reason = f"connection error: {exc}"
+        self.server._lost(self)
+
+    def pause_writing(self) -> None:
+        # The peer stopped reading: give it WRITE_TIMEOUT to resume.
+        if not self.closing and not self._stalled:
+            self._stalled = True
+            self._cancel_timer()
+            self._timer = asyncio.get_running_loop().call_later(WRITE_TIMEOUT, self._write_stalled)
+
+    def resume_writing(self) -> None:
+        if self._stalled:
+            self._stalled = False
+            if not self.closing:  # else the timer is close_soon's
+                self._cancel_timer()
+
+    # -- sending and closing ----------------------------------------------
 
     def send(self, frame: bytes) -> bool:
-        """Queue a frame; False when the peer is too slow to keep up."""
+        """Write a frame; False when the peer is too slow to keep up."""
         if self.closing:
             return True
-        try:
-            self.queue.put_nowait(frame)
-        except asyncio.QueueFull:
-            return False
-        return True
+        transport = self.transport
+        assert transport is not None
+        transport.write(frame)
+        return transport.get_write_buffer_size() <= SEND_BUFFER_MAX
 
     def close_soon(self) -> None:
-        """Close after the frames already queued are written."""
+        """Close once what is written is flushed (at most CLOSE_FLUSH_TIMEOUT)."""
         if self.closing:
             return
         self.closing = True
-        try:
-            self.queue.put_nowait(None)
-        except asyncio.QueueFull:
-            self.abort()
+        self._cancel_timer()
+        transport = self.transport
+        if transport is None:
+            return
+        transport.close()
+        self._timer = asyncio.get_running_loop().call_later(CLOSE_FLUSH_TIMEOUT, self.abort)
 
     def abort(self) -> None:
         self.closing = True
-        with contextlib.suppress(Exception):
-            self.writer.transport.abort()
+        self._cancel_timer()
+        if self.transport is not None:
+            with contextlib.suppress(Exception):
+                self.transport.abort()
 
-    async def write_loop(self) -> None:
-        transport = self.writer.transport
-        try:
-            while not transport.is_closing():
-                frame = await self.queue.get()
-                if frame is None:
-                    break
-                self.writer.write(frame)
-                if transport.get_write_buffer_size() > DRAIN_ABOVE:
-                    await asyncio.wait_for(self.writer.drain(), WRITE_TIMEOUT)
-        except (asyncio.TimeoutError, OSError):
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _handshake_expired(self) -> None:
+        self._timer = None
+        if self.peer_id is None and not self.closing:
+            reason = f"timeout: no hello within {self.server.handshake_timeout:g} s"
+            self.server.counters["handshakes_failed"] += 1
+            log.warning(logline(event="rejected", remote=self.remote, reason=reason))
+            self.reason = reason
             self.abort()
-        finally:
-            # close() flushes what is buffered, then closes the socket.
-            self.closing = True
-            if not self.writer.is_closing():
-                self.writer.close()
+
+    def _write_stalled(self) -> None:
+        self._timer = None
+        if not self.closing:
+            self.reason = f"timeout: output not read for {WRITE_TIMEOUT:g} s"
+            self.abort()
 
 
 class MasterServer:
@@ -144,9 +273,9 @@ class MasterServer:
             vote_timeout=vote_timeout,
             sync_timeout=sync_timeout,
         )
-        # Past the heartbeat timeout the ticker has already declared the peer
-        # lost; this read timeout only backs it up.
-        self.read_timeout = 2 * heartbeat_timeout + 1.0
+        # Silence is detected by the ticker (state.tick): a welcomed peer is
+        # lost between heartbeat_timeout and heartbeat_timeout + tick_interval
+        # after its last complete message.
         self.tick_interval = max(0.01, min(0.1, heartbeat_timeout / 20))
         self.status_bind = status
         self.address: str | None = None
@@ -159,7 +288,7 @@ class MasterServer:
         }
         self._server: asyncio.base_events.Server | None = None
         self._status = None
-        self._tasks: set[asyncio.Task] = set()  # connection handlers and the ticker
+        self._tasks: set[asyncio.Task] = set()  # the ticker
         self._connections: set[Connection] = set()
         self._by_peer: dict[str, Connection] = {}
         self._stop: asyncio.Event | None = None
@@ -173,8 +302,9 @@ class MasterServer:
 
     async def start(self) -> None:
         self._stop = asyncio.Event()
-        self._server = await asyncio.start_server(
-            self._on_connect, self.host, self.port, reuse_address=True, limit=64 * 1024
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: Connection(self), self.host, self.port, reuse_address=True
         )
         sockname = self._server.sockets[0].getsockname()
         self.address = protocol.format_hostport(str(sockname[0]), int(sockname[1]))
@@ -221,16 +351,12 @@ class MasterServer:
             await self._status.stop()
         for conn in list(self._connections):
             conn.abort()
-            with contextlib.suppress(asyncio.QueueFull):
-                conn.queue.put_nowait(None)  # wakes the writer even if a cancel is lost
         tasks = [t for t in self._tasks if t is not asyncio.current_task()]
         for task in tasks:
             task.cancel()
-        writers = [c.writer_task for c in self._connections if c.writer_task]
-        for task in writers:
-            task.cancel()
-        if tasks or writers:
-            await asyncio.wait(tasks + writers, timeout=5.0)
+        if tasks:
+            await asyncio.wait(tasks, timeout=5.0)
+        await asyncio.sleep(0)  # let the aborted transports report connection_lost
         if self._server is not None:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._server.wait_closed(), 5.0)
@@ -244,98 +370,33 @@ class MasterServer:
         return task
 
     # ------------------------------------------------------------------
-    # Connections.
+    # Connections (called by Connection on the loop).
 
-    def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        # A plain callback: the connection's task is created (and owned) here,
-        # so shutdown can cancel it without asyncio reporting the cancellation.
-        conn = Connection(reader, writer)
+    def _accept(self, conn: Connection) -> bool:
         if self._stopped or len(self._connections) >= self.max_connections:
             log.warning(
                 logline(event="rejected", remote=conn.remote, reason="too many connections")
             )
-            conn.abort()
-            return
+            return False
         self.counters["connections_accepted"] += 1
         self._connections.add(conn)
-        self._spawn(self._serve_connection(conn), f"pccl-master-conn-{conn.remote}")
+        return True
 
-    async def _serve_connection(self, conn: Connection) -> None:
-        conn.writer_task = asyncio.get_running_loop().create_task(
-            conn.write_loop(), name=f"pccl-master-writer-{conn.remote}"
-        )
-        reason = "connection closed"
-        try:
-            if await self._handshake(conn):
-                reason = await self._read_loop(conn)
-        except ProtocolViolation as exc:
-            reason = f"protocol violation: {exc}"
-            self._reject(conn, reason)
-        except ConnectionClosed:
-            reason = "connection closed"
-            if conn.peer_id is None:
-                log.info(logline(event="closed", remote=conn.remote, reason="closed in handshake"))
-        except (asyncio.TimeoutError, TimeoutError) as exc:
-            reason = f"timeout: {exc}"
-            if conn.peer_id is None:
-                self.counters["handshakes_failed"] += 1
-                log.warning(logline(event="rejected", remote=conn.remote, reason=reason))
-        except OSError as exc:
-            reason = f"connection error: {exc}"
-        except Exception as exc:  # a bug: drop this connection, keep the run
-            reason = f"internal error: {type(exc).__name__}"
-            log.exception(logline(event="bug", remote=conn.remote, peer=conn.peer_id))
-        finally:
-            await self._teardown(conn, reason)
-
-    async def _teardown(self, conn: Connection, reason: str) -> None:
-        if conn.peer_id is not None and not self._stopped:
-            if self._by_peer.get(conn.peer_id) is conn:
-                del self._by_peer[conn.peer_id]
-            self._apply(self.state.disconnect(conn.peer_id, reason, self.now()))
-        conn.close_soon()
-        if conn.writer_task is not None and not self._stopped:
-            # Let the writer flush a final error/evicted message, briefly.
-            done, _ = await asyncio.wait({conn.writer_task}, timeout=1.0)
-            if not done:
-                conn.abort()
-                conn.writer_task.cancel()
-        self._connections.discard(conn)
-
-    def _reject(self, conn: Connection, reason: str) -> None:
-        """Log and close one connection that broke the protocol."""
-        self.counters["messages_rejected"] += 1
-        if conn.peer_id is None:
-            self.counters["handshakes_failed"] += 1
-        log.warning(logline(event="rejected", remote=conn.remote, peer=conn.peer_id, reason=reason))
-        conn.send(protocol.encode({"type": "error", "reason": reason[: protocol.MAX_REASON]}))
-        conn.close_soon()
-
-    async def _handshake(self, conn: Connection) -> bool:
-        nonce_m = protocol.new_nonce()
-        conn.send(
-            protocol.encode(
-                {
-                    "type": "challenge",
-                    "version": protocol.PROTOCOL_VERSION,
-                    "nonce": nonce_m,
-                    "auth": self.secret is not None,
-                }
-            )
-        )
-        hello = await protocol.read_message(conn.reader, self.handshake_timeout, protocol.TO_MASTER)
+    def _hello(self, conn: Connection, hello: dict) -> None:
         if hello["type"] != "hello":
             raise ProtocolViolation(f"expected hello, got {hello['type']!r}")
         if hello["version"] != protocol.PROTOCOL_VERSION:
             self._reject(conn, f"unsupported protocol version {hello['version']}")
-            return False
+            return
+        nonce_m = conn._nonce_m
         if self.secret is not None:
             expected = protocol.hello_mac(
                 self.secret, nonce_m, hello["nonce"], hello["p2p_address"], hello["peer_group"]
             )
             if not protocol.macs_equal(hello["mac"], expected):
                 self._reject(conn, "authentication failed: hello MAC does not verify")
-                return False
+                return
+        conn._cancel_timer()  # the handshake deadline
         peer_id, acts = self.state.hello(
             remote=conn.remote,
             p2p_address=hello["p2p_address"],
@@ -347,22 +408,30 @@ class MasterServer:
         conn.peer_id = peer_id
         self._by_peer[peer_id] = conn
         self._apply(acts)
-        return True
 
-    async def _read_loop(self, conn: Connection) -> str:
+    def _message(self, conn: Connection, msg: dict) -> None:
+        self.counters["messages_received"] += 1
+        if msg["type"] == "hello":
+            raise ProtocolViolation("hello after welcome")
         assert conn.peer_id is not None
-        while not conn.closing:
-            try:
-                msg = await protocol.read_message(
-                    conn.reader, self.read_timeout, protocol.TO_MASTER
-                )
-            except (asyncio.TimeoutError, TimeoutError):
-                return f"silent for {self.read_timeout:g} s"
-            self.counters["messages_received"] += 1
-            if msg["type"] == "hello":
-                raise ProtocolViolation("hello after welcome")
-            self._apply(self.state.handle(conn.peer_id, msg, self.now()))
-        return "closed by master"
+        self._apply(self.state.handle(conn.peer_id, msg, self.now()))
+
+    def _reject(self, conn: Connection, reason: str) -> None:
+        """Log and close one connection that broke the protocol."""
+        self.counters["messages_rejected"] += 1
+        if conn.peer_id is None:
+            self.counters["handshakes_failed"] += 1
+        log.warning(logline(event="rejected", remote=conn.remote, peer=conn.peer_id, reason=reason))
+        conn.send(protocol.encode({"type": "error", "reason": reason[: protocol.MAX_REASON]}))
+        conn.reason = reason
+        conn.close_soon()
+
+    def _lost(self, conn: Connection) -> None:
+        self._connections.discard(conn)
+        if conn.peer_id is not None and not self._stopped:
+            if self._by_peer.get(conn.peer_id) is conn:
+                del self._by_peer[conn.peer_id]
+            self._apply(self.state.disconnect(conn.peer_id, conn.reason, self.now()))
 
     # ------------------------------------------------------------------
     # Timers and actions.
@@ -376,34 +445,44 @@ class MasterServer:
                 log.exception(logline(event="bug", reason="tick failed"))
 
     def _apply(self, acts: Actions) -> None:
-        """Carry out the state machine's actions; a peer whose send queue is
-        full is too slow to follow the run and is dropped as lost."""
+        """Carry out the state machine's actions; a peer that does not read
+        what the master sends is dropped as lost.
+
+        A message object sent to several peers (one operation's verdict, an
+        abort) is validated and encoded once; every frame is written in this
+        call, without waiting for any peer."""
         work = [acts]
         while work:
             acts = work.pop(0)
             for event in acts.events:
                 self._log_event(event)
             overflowed: list[str] = []
+            frames: dict[int, bytes] = {}
             for peer_id, msg in acts.sends:
                 conn = self._by_peer.get(peer_id)
                 if conn is None:
                     continue
-                try:
-                    frame = protocol.encode(protocol.validate(msg, protocol.TO_PEER))
-                except ValueError:
-                    log.exception(logline(event="bug", peer=peer_id, reason="invalid outgoing"))
-                    continue
+                frame = frames.get(id(msg))
+                if frame is None:
+                    try:
+                        frame = protocol.encode(protocol.validate(msg, protocol.TO_PEER))
+                    except ValueError:
+                        log.exception(logline(event="bug", peer=peer_id, reason="invalid outgoing"))
+                        continue
+                    frames[id(msg)] = frame
                 if not conn.send(frame):
                     overflowed.append(peer_id)
-            for peer_id, _reason in acts.closes:
+            for peer_id, reason in acts.closes:
                 conn = self._by_peer.pop(peer_id, None)
                 if conn is not None:
+                    conn.reason = reason
                     conn.close_soon()
             for peer_id in overflowed:
                 conn = self._by_peer.pop(peer_id, None)
                 if conn is not None:
                     conn.abort()
-                work.append(self.state.disconnect(peer_id, "send queue full", self.now()))
+                reason = "output buffer full (not reading)"
+                work.append(self.state.disconnect(peer_id, reason, self.now()))
 
     def _log_event(self, event: Event) -> None:
         if event.kind == "epoch":

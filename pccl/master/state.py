@@ -466,17 +466,23 @@ class MasterState:
             if op.expected <= op.reported_ok:
                 self._decide(key, op, True, acts)
 
-    def _reply_outcome(self, peer_id: str, key: OpKey, ok: bool, acts: Actions) -> None:
+    @staticmethod
+    def _outcome_msg(key: OpKey, ok: bool) -> dict:
         _, epoch, tag, seq = key
-        acts.send(peer_id, {"type": "op_outcome", "epoch": epoch, "tag": tag, "seq": seq, "ok": ok})
+        return {"type": "op_outcome", "epoch": epoch, "tag": tag, "seq": seq, "ok": ok}
+
+    def _reply_outcome(self, peer_id: str, key: OpKey, ok: bool, acts: Actions) -> None:
+        acts.send(peer_id, self._outcome_msg(key, ok))
 
     def _decide(self, key: OpKey, op: Op, ok: bool, acts: Actions) -> None:
         op.outcome = ok
         self._open_ops[key[0]] -= 1
         self.counters["ops_ok" if ok else "ops_aborted"] += 1
+        # One message object for every reporter: the server encodes it once.
+        msg = self._outcome_msg(key, ok)
         for pid in op.reporters:
             if pid in self.peers:
-                self._reply_outcome(pid, key, ok, acts)
+                acts.send(pid, msg)
         self._decided.append(key)
         while len(self._decided) > self.max_decided_ops:
             self.ops.pop(self._decided.popleft(), None)
@@ -506,9 +512,10 @@ class MasterState:
         return decided
 
     def _send_abort(self, group: int, reason: str, acts: Actions) -> None:
+        msg = {"type": "abort", "epoch": self.epoch, "reason": reason}
         for peer in self.admitted():
             if peer.group == group:
-                acts.send(peer.peer_id, {"type": "abort", "epoch": self.epoch, "reason": reason})
+                acts.send(peer.peer_id, msg)
 
     def _prune_ops(self) -> None:
         # Outcomes are kept for the current and the previous epoch only.
