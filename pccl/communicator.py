@@ -332,7 +332,9 @@ class Communicator:
             self._drop_link(leave=True)
             raise
 
-    def update_topology(self, timeout: float | None = None) -> None:
+    def update_topology(
+        self, timeout: float | None = None, *, admit_pending: bool = True
+    ) -> None:
         """Vote for a new topology and block until the master completes it.
 
         Every admitted peer must call this (a unanimous vote) before
@@ -340,11 +342,16 @@ class Communicator:
         master's vote timeout is evicted.  Reports whether this peer's
         ring broke (after a :class:`pccl.PeerLostError`); if the topology
         changed, rebuilds the ring before returning.
+
+        ``admit_pending=False`` rebuilds the ring without letting newcomers
+        in (one such voter defers them to a later round): use it to retry
+        a step among the survivors, since a newcomer cannot take part in a
+        step it did not start.  :meth:`all_reduce_many` retries this way.
         """
         self._check_connected()
         deadline = None if timeout is None else time.monotonic() + timeout
-        topology = self._vote(not self._ring_broken, deadline)
-        self._settle(topology, deadline)
+        topology = self._vote(not self._ring_broken, deadline, admit_pending)
+        self._settle(topology, deadline, admit_pending)
 
     def are_peers_pending(self) -> bool:
         """Whether peers wait to be admitted at the next ``update_topology()``."""
@@ -355,25 +362,27 @@ class Communicator:
         link.send({"type": "pending_query", "req": req})
         return bool(link.wait(key, fut, None, "pending_query")["pending"])
 
-    def _vote(self, ring_ok: bool, deadline: float | None) -> dict:
+    def _vote(self, ring_ok: bool, deadline: float | None, admit: bool = True) -> dict:
         link = self._check_connected()
         req = next(self._req)
         key = ("req", req)
         fut = link.expect(key)
-        link.send({"type": "update_topology", "req": req, "ring_ok": bool(ring_ok)})
+        link.send(
+            {"type": "update_topology", "req": req, "ring_ok": bool(ring_ok), "admit": admit}
+        )
         try:
             return link.wait(key, fut, self._remaining(deadline), "update_topology")
         except errors.PcclTimeoutError:
             link.forget(key)
             raise
 
-    def _settle(self, topology: dict, deadline: float | None) -> None:
+    def _settle(self, topology: dict, deadline: float | None, admit: bool = True) -> None:
         """Install ``topology``; on a failed ring build vote again (the
         master rebuilds every ring at a new epoch), a bounded number of times."""
         for _ in range(self._max_topology_attempts):
             if self._install(topology, deadline):
                 return
-            topology = self._vote(False, deadline)
+            topology = self._vote(False, deadline, admit)
         raise errors.RingBrokenError(
             f"the ring could not be built in {self._max_topology_attempts} attempts "
             "(see the log for each failure)"
@@ -509,9 +518,13 @@ class Communicator:
         (tensor ``i`` uses tag ``i``).
 
         When a peer is lost, the operations that succeeded keep their
-        results; the others are retried after ``update_topology()``, at
-        most ``max_retries`` times, after which :class:`pccl.PeerLostError`
-        is raised (the tensors not yet reduced are unchanged).
+        results; the others are retried among the survivors after
+        ``update_topology(admit_pending=False)`` (newcomers wait for the
+        caller's next vote), at most ``max_retries`` times, after which
+        :class:`pccl.PeerLostError` is raised (the tensors not yet reduced
+        are unchanged).  Every peer must pass the same tensors in the same
+        order and the same ``max_in_flight``: peers that start operations
+        in different orders wait on each other until the progress timeout.
         """
         if max_in_flight < 1:
             raise errors.InvalidArgumentError(f"max_in_flight must be >= 1, got {max_in_flight}")
@@ -539,7 +552,7 @@ class Communicator:
                 attempt,
                 max_retries,
             )
-            self.update_topology()
+            self.update_topology(admit_pending=False)
             todo = failed
         return results  # type: ignore[return-value]
 

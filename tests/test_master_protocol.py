@@ -32,7 +32,7 @@ def good_messages() -> list[tuple[str, dict]]:
                 "p2p_connections": 4,
             },
         ),
-        (TO_MASTER, {"type": "update_topology", "req": 7, "ring_ok": True}),
+        (TO_MASTER, {"type": "update_topology", "req": 7, "ring_ok": True, "admit": True}),
         (TO_MASTER, {"type": "pending_query", "req": 0}),
         (TO_MASTER, {"type": "ring_ready", "epoch": 2, "ok": False}),
         (TO_MASTER, {"type": "op_done", "epoch": 2, "tag": 0, "seq": 2**63 - 1, "ok": True}),

@@ -76,7 +76,7 @@ def test_operation_outcome_over_the_wire():
     with MasterNode() as node, admitted_peer(node.address) as a:
         with PeerClient(node.address, timeout=10) as b:
             b.join()
-            a.send({"type": "update_topology", "req": 1, "ring_ok": True})
+            a.send({"type": "update_topology", "req": 1, "ring_ok": True, "admit": True})
             topo_b = b.expect("topology")
             topo_a = a.expect("topology")
             assert topo_a["req"] == 1 and topo_b["req"] is None
@@ -103,7 +103,7 @@ def test_silent_peer_is_lost_within_the_heartbeat_timeout():
         a = admitted_peer(node.address)
         b = PeerClient(node.address, timeout=10)
         b.join()
-        a.send({"type": "update_topology", "req": 1, "ring_ok": True})
+        a.send({"type": "update_topology", "req": 1, "ring_ok": True, "admit": True})
         epoch = a.expect("topology")["epoch"]
         b.expect("topology")
         a.send({"type": "ring_ready", "epoch": epoch, "ok": True})
@@ -134,7 +134,7 @@ def test_non_voter_is_evicted_over_the_wire():
         a = admitted_peer(node.address)
         b = PeerClient(node.address, timeout=10)
         b.join()
-        a.send({"type": "update_topology", "req": 1, "ring_ok": True})
+        a.send({"type": "update_topology", "req": 1, "ring_ok": True, "admit": True})
         epoch = a.expect("topology")["epoch"]
         b.expect("topology")
         for p in (a, b):
@@ -142,7 +142,8 @@ def test_non_voter_is_evicted_over_the_wire():
         for p in (a, b):
             p.expect("topology_ready")
         t0 = time.monotonic()
-        a.send({"type": "update_topology", "req": 2, "ring_ok": True})  # b never votes
+        # b never votes
+        a.send({"type": "update_topology", "req": 2, "ring_ok": True, "admit": True})
         topo = a.expect("topology")
         assert 0.5 <= time.monotonic() - t0 < 2.0
         assert topo["ring"] == [a.welcome["peer_id"]] and topo["epoch"] == epoch + 1

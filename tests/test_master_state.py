@@ -71,7 +71,7 @@ class Run:
 
     def vote_all(self, req: int = 1, peers=None) -> None:
         for p in peers or [p.peer_id for p in self.state.admitted()]:
-            self.send(p, type="update_topology", req=req, ring_ok=True)
+            self.send(p, type="update_topology", req=req, ring_ok=True, admit=True)
 
     def form(self, *groups: int) -> list[str]:
         """Join peers (one per entry of groups) and admit them all."""
@@ -122,11 +122,12 @@ def test_newcomer_waits_for_a_unanimous_vote(run):
     assert run.take(c, "topology") == []
     run.send(a, type="pending_query", req=5)
     assert run.take(a) == [{"type": "pending_reply", "req": 5, "pending": True}]
-    run.send(a, type="update_topology", req=6, ring_ok=True)
+    run.send(a, type="update_topology", req=6, ring_ok=True, admit=True)
     assert run.state.peers[c].state == PENDING  # b has not voted
-    run.send(c, type="update_topology", req=1, ring_ok=True)  # a pending peer has no vote
+    # a pending peer has no vote:
+    run.send(c, type="update_topology", req=1, ring_ok=True, admit=True)
     assert run.state.peers[c].state == PENDING
-    run.send(b, type="update_topology", req=9, ring_ok=True)
+    run.send(b, type="update_topology", req=9, ring_ok=True, admit=True)
     assert run.state.peers[c].state == ADMITTED
     topo = {p: run.take(p, "topology")[0] for p in (a, b, c)}
     assert [topo[p]["req"] for p in (a, b, c)] == [6, 9, None]
@@ -159,11 +160,27 @@ def test_vote_without_change_keeps_the_epoch(run):
     assert run.state.ring_phase_epoch is None  # no topology_ready round
 
 
+def test_a_vote_without_admit_keeps_newcomers_pending(run):
+    # A retry after a loss must not pull a newcomer into the retried
+    # collective: one voter saying admit=False defers admission.
+    a, b = run.form(0, 0)
+    c = run.join()
+    run.send(a, type="update_topology", req=1, ring_ok=False, admit=False)
+    run.send(b, type="update_topology", req=1, ring_ok=True, admit=True)
+    assert run.state.peers[c].state == PENDING
+    topo = {p: run.take(p, "topology")[0] for p in (a, b)}
+    assert all(t["world_size"] == 2 and t["changed"] for t in topo.values())
+    assert run.take(c, "topology") == []
+    run.ring_ready_all(run.state.epoch, [a, b])
+    run.vote_all(req=2, peers=[a, b])
+    assert run.state.peers[c].state == ADMITTED
+
+
 def test_ring_ok_false_bumps_the_epoch(run):
     a, b = run.form(0, 0)
     epoch = run.state.epoch
-    run.send(a, type="update_topology", req=1, ring_ok=False)
-    run.send(b, type="update_topology", req=1, ring_ok=True)
+    run.send(a, type="update_topology", req=1, ring_ok=False, admit=True)
+    run.send(b, type="update_topology", req=1, ring_ok=True, admit=True)
     topo = run.take(a, "topology")[0]
     assert topo["changed"] and topo["epoch"] == epoch + 1
 
@@ -279,9 +296,9 @@ def test_pending_peer_is_lost_when_silent_too(run):
 def test_non_voter_is_evicted_after_the_vote_timeout(run):
     a, b, c = run.form(0, 0, 0)
     e = run.state.epoch
-    run.send(a, type="update_topology", req=1, ring_ok=True)
+    run.send(a, type="update_topology", req=1, ring_ok=True, admit=True)
     run.now += 1
-    run.send(b, type="update_topology", req=1, ring_ok=True)
+    run.send(b, type="update_topology", req=1, ring_ok=True, admit=True)
     for _ in range(int(VOTE_TIMEOUT) - 2):  # heartbeats keep everyone alive
         run.tick(1.0)
         for p in (a, b, c):
@@ -298,7 +315,7 @@ def test_non_voter_is_evicted_after_the_vote_timeout(run):
 
 def test_round_closes_when_its_only_voter_is_lost(run):
     a, b = run.form(0, 0)
-    run.send(a, type="update_topology", req=1, ring_ok=True)
+    run.send(a, type="update_topology", req=1, ring_ok=True, admit=True)
     run.apply(run.state.disconnect(a, "closed", run.now))
     assert run.state.vote_deadline is None
     run.now += VOTE_TIMEOUT + 1
@@ -477,7 +494,7 @@ def test_random_event_sequences_keep_the_invariants(first_groups, events):
         elif kind == "vote_all":
             for p in live[:-1] if event[1] else live:  # sometimes one abstains
                 if p in run.state.peers:
-                    run.send(p, type="update_topology", req=2, ring_ok=True)
+                    run.send(p, type="update_topology", req=2, ring_ok=True, admit=True)
         elif kind == "ready_all":
             for p in live:
                 if p in run.state.peers:
@@ -499,7 +516,7 @@ def test_random_event_sequences_keep_the_invariants(first_groups, events):
         elif pick is None:
             continue
         elif kind == "vote":
-            run.send(pick, type="update_topology", req=event[1], ring_ok=event[2])
+            run.send(pick, type="update_topology", req=event[1], ring_ok=event[2], admit=True)
         elif kind == "ready":
             epoch = run.state.ring_phase_epoch or run.state.epoch
             run.send(pick, type="ring_ready", epoch=epoch, ok=event[2])

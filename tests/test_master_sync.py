@@ -160,7 +160,7 @@ class Run:
                     self.send(p, type="ring_ready", epoch=self.state.ring_phase_epoch, ok=True)
             if self.state.pending():
                 for p in ids[:-1]:
-                    self.send(p, type="update_topology", req=1, ring_ok=True)
+                    self.send(p, type="update_topology", req=1, ring_ok=True, admit=True)
                 for p in ids:
                     self.send(p, type="ring_ready", epoch=self.state.epoch, ok=True)
         assert all(self.state.peers[p].state == ADMITTED for p in ids)

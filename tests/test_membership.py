@@ -220,6 +220,11 @@ def test_all_reduce_many_retries_after_a_loss(run):
     the rest after update_topology, and agree bit for bit on every tensor."""
     peers = [run.peer(i) for i in range(4)]
     join(peers)
+    # A newcomer waits to be admitted meanwhile: the retry must not pull it
+    # into the retried step (it did not start it), only the next vote.
+    newcomer = run.peer(4)
+    newcomer.send("connect", timeout=120)
+    wait_until_pending(peers[0])
     count, n = 8, 1 << 18
     # The victim reduces tensors 0-2 with the others, then SIGKILLs itself.
     send_all(
@@ -245,6 +250,18 @@ def test_all_reduce_many_retries_after_a_loss(run):
     print(f"all_reduce_many worlds per tensor after the kill: {worlds}")
     assert worlds[:3] == [4, 4, 4]  # succeeded before the loss: kept, not redone
     assert worlds[3:] == [3] * (count - 3)  # retried among the survivors
+    assert survivors[0].request("pending")["pending"]  # the retry admitted nobody
+    replies = request_all(survivors, "update_topology")
+    assert {r["world_size"] for r in replies} == {4}
+    admitted = newcomer.reply(30, "reply to connect")
+    assert admitted["ok"] and admitted["world_size"] == 4
+
+
+def wait_until_pending(peer: PeerProcess, timeout: float = 30.0) -> None:
+    """Poll the master (bounded) until it reports a pending peer."""
+    deadline = time.monotonic() + timeout
+    while not peer.request("pending")["pending"]:
+        assert time.monotonic() < deadline, "the newcomer never became pending"
 
 
 def test_peer_that_never_votes_is_evicted(tmp_path):

@@ -257,7 +257,7 @@ SCHEMAS: dict[str, dict[str, dict[str, Callable[[Any], str | None]]]] = {
             "p2p_address": _address,
             "p2p_connections": _uint,
         },
-        "update_topology": {"req": _uint, "ring_ok": _bool},
+        "update_topology": {"req": _uint, "ring_ok": _bool, "admit": _bool},
         "pending_query": {"req": _uint},
         "ring_ready": {"epoch": _uint, "ok": _bool},
         "op_done": {"epoch": _uint, "tag": _uint, "seq": _uint, "ok": _bool},

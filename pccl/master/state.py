@@ -130,8 +130,8 @@ class MasterState:
         self._membership_changed = False
         self._serial = itertools.count(1)
 
-        # The open vote round: admitted voter -> (req, ring_ok).
-        self.votes: dict[str, tuple[int, bool]] = {}
+        # The open vote round: admitted voter -> (req, ring_ok, admit).
+        self.votes: dict[str, tuple[int, bool, bool]] = {}
         self.vote_deadline: float | None = None
 
         # The ring-ready phase after a changed topology.
@@ -266,7 +266,7 @@ class MasterState:
                 {"type": "pending_reply", "req": msg["req"], "pending": self.peers_pending()},
             )
         elif kind == "update_topology":
-            self._vote(peer, msg["req"], msg["ring_ok"], now, acts)
+            self._vote(peer, msg["req"], msg["ring_ok"], msg["admit"], now, acts)
         elif kind == "ring_ready":
             self._ring_ready(peer, msg["epoch"], msg["ok"], now, acts)
         elif kind == "op_done":
@@ -322,11 +322,13 @@ class MasterState:
     # ------------------------------------------------------------------
     # Votes and topology.
 
-    def _vote(self, peer: Peer, req: int, ring_ok: bool, now: float, acts: Actions) -> None:
+    def _vote(
+        self, peer: Peer, req: int, ring_ok: bool, admit: bool, now: float, acts: Actions
+    ) -> None:
         if peer.state != ADMITTED:
             # A pending peer has no vote; it waits for its topology.
             return
-        self.votes[peer.peer_id] = (req, ring_ok)
+        self.votes[peer.peer_id] = (req, ring_ok, admit)
         if self.vote_deadline is None:
             self.vote_deadline = now + self.vote_timeout
         self._maybe_complete_round(now, acts)
@@ -348,11 +350,13 @@ class MasterState:
 
     def _complete_round(self, now: float, acts: Actions) -> None:
         votes, self.votes, self.vote_deadline = self.votes, {}, None
-        newcomers = self.pending()
+        # One voter saying admit=False (a retry after a loss) defers the
+        # newcomers to a later round, so they never land in a retried step.
+        newcomers = self.pending() if all(v[2] for v in votes.values()) else []
         changed = (
             bool(newcomers)
             or self._membership_changed
-            or any(not ok for _, ok in votes.values())
+            or any(not v[1] for v in votes.values())
             or self.epoch == 0
         )
         if changed:
