@@ -24,7 +24,7 @@ $(VENV)/bin/activate:
 # Third-party packages first (slow, rarely change), then pccl itself.
 $(VENV)/.deps: $(VENV)/bin/activate pyproject.toml
 	$(PIP) install --quiet "$(TORCH)" "cffi>=1.17" "numpy>=1.24" "msgpack>=1.0" "uvloop>=0.19" \
-	    "xxhash>=3.4" "prometheus-client>=0.20" "tqdm>=4.66" "matplotlib>=3.8" \
+	    "xxhash>=3.4" "prometheus-client>=0.20" "tqdm>=4.66" "matplotlib>=3.8" "rich>=13" \
 	    "pytest>=8" "pytest-timeout>=2.3" "pytest-asyncio>=0.23" "hypothesis>=6.100" "ruff>=0.6" \
 	    "scikit-build-core>=0.10"
 	touch $@
@@ -62,3 +62,17 @@ bench: install
 
 clean:
 	rm -rf $(VENV) build
+
+# Fuzzing the wire decoders and the ring's receive path with libFuzzer
+# (native/fuzz/README.md); installs clang + libclang-rt-14-dev with apt-get
+# when missing (skips loudly without apt).  Regression inputs in
+# native/fuzz/regressions/ are replayed first; a crash is added there.
+#   make fuzz-smoke   - ~20 s per harness (CI)
+#   make fuzz         - FUZZ_SECONDS per harness (default 300), corpus kept in build/fuzz/
+FUZZ_SECONDS ?= 300
+.PHONY: fuzz fuzz-smoke
+fuzz-smoke:
+	sh native/fuzz/run.sh 20
+
+fuzz:
+	sh native/fuzz/run.sh $(FUZZ_SECONDS)

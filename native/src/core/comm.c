@@ -291,7 +291,21 @@ on_tick(void *arg)
 /* In-place and quantized ops need a tensor-sized buffer.  Allocating it
  * per op costs a page fault per 4 KiB (glibc maps large blocks fresh each
  * time), so finished ops leave their buffers here for the next ones: at
- * most four, the largest kept. */
+ * most four, the largest kept, and never more than BUF_CACHE_BYTES in all,
+ * so an idle communicator does not hold several tensors' worth of memory. */
+
+enum { BUF_CACHE_BYTES = 256u << 20 };
+
+static size_t
+buf_cached_locked(const pccl_comm *comm)
+{
+    size_t i, total = 0;
+
+    for (i = 0; i < 4; i++) {
+        total += comm->cache[i].size;
+    }
+    return total;
+}
 
 static uint8_t *
 buf_take(pccl_comm *comm, size_t size, size_t *cap)
@@ -333,17 +347,27 @@ buf_give_locked(pccl_comm *comm, uint8_t *p, size_t cap)
     if (p == NULL) {
         return NULL;
     }
+    if (cap > BUF_CACHE_BYTES) {
+        return p;
+    }
     for (i = 0; i < 4; i++) {
         if (comm->cache[i].p == NULL) {
+            if (buf_cached_locked(comm) + cap > BUF_CACHE_BYTES) {
+                break;
+            }
             comm->cache[i].p = p;
             comm->cache[i].size = cap;
             return NULL;
         }
+    }
+    for (i = 0; i < 4; i++) {
         if (comm->cache[i].size < comm->cache[small].size) {
             small = i;
         }
     }
-    if (comm->cache[small].size < cap) {
+    /* Replace the smallest if that keeps the total within the bound. */
+    if (comm->cache[small].size < cap &&
+        buf_cached_locked(comm) - comm->cache[small].size + cap <= BUF_CACHE_BYTES) {
         uint8_t *old = comm->cache[small].p;
         comm->cache[small].p = p;
         comm->cache[small].size = cap;
