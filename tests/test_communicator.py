@@ -36,17 +36,13 @@ VOTE_TIMEOUT = 5.0
 
 @pytest.fixture
 def master(tmp_path) -> Iterator[MasterProcess]:
-    m = MasterProcess(
+    with MasterProcess(
         str(tmp_path),
         heartbeat_timeout=HEARTBEAT_TIMEOUT,
         heartbeat_interval=HEARTBEAT_INTERVAL,
         vote_timeout=VOTE_TIMEOUT,
-    )
-    try:
-        yield m
-    finally:
-        m.signal(signal.SIGCONT)
-        m.kill()
+    ) as m:
+        yield m  # killed on exit (SIGKILL also ends a stopped master)
 
 
 @pytest.fixture
@@ -305,11 +301,8 @@ def secret_master(tmp_path) -> Iterator[MasterProcess]:
     path = tmp_path / "secret"
     path.write_bytes(b"correct horse battery staple")
     os.chmod(path, 0o600)
-    m = MasterProcess(str(tmp_path), extra=["--secret-file", str(path)])
-    try:
+    with MasterProcess(str(tmp_path), extra=["--secret-file", str(path)]) as m:
         yield m
-    finally:
-        m.kill()
 
 
 def test_shared_secret(secret_master, comms):
@@ -334,6 +327,21 @@ def test_peer_with_secret_refuses_open_master(master, comms):
 
 # --------------------------------------------------------------------------
 # A scripted master, for verdicts a real one gives only under races.
+
+
+def _solo_topology(req: int | None, epoch: int) -> dict:
+    """A topology message for a world of one (peer "p1")."""
+    return {
+        "type": "topology",
+        "req": req,
+        "epoch": epoch,
+        "changed": True,
+        "rank": 0,
+        "world_size": 1,
+        "group_world_size": 1,
+        "next": None,
+        "ring": ["p1"],
+    }
 
 
 class FakeMaster:
@@ -396,20 +404,7 @@ class FakeMaster:
                         "heartbeat_timeout": 2.0,
                     },
                 )
-                self._send(
-                    sock,
-                    {
-                        "type": "topology",
-                        "req": None,
-                        "epoch": 1,
-                        "changed": True,
-                        "rank": 0,
-                        "world_size": 1,
-                        "group_world_size": 1,
-                        "next": None,
-                        "ring": ["p1"],
-                    },
-                )
+                self._send(sock, _solo_topology(None, 1))
                 while (msg := self._recv(sock, buf)) is not None:
                     kind = msg["type"]
                     if kind == "heartbeat":
@@ -419,20 +414,7 @@ class FakeMaster:
                             sock, {"type": "topology_ready", "epoch": msg["epoch"], "ok": True}
                         )
                     elif kind == "update_topology":
-                        self._send(
-                            sock,
-                            {
-                                "type": "topology",
-                                "req": msg["req"],
-                                "epoch": 2,
-                                "changed": True,
-                                "rank": 0,
-                                "world_size": 1,
-                                "group_world_size": 1,
-                                "next": None,
-                                "ring": ["p1"],
-                            },
-                        )
+                        self._send(sock, _solo_topology(msg["req"], 2))
                     elif kind == "op_done":
                         if self.on_op_done == "evict":
                             self._send(sock, {"type": "evicted", "reason": "scripted"})

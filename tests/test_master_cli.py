@@ -69,7 +69,7 @@ def test_empty_secret_file_is_refused(tmp_path):
 def test_secret_is_never_logged(tmp_path):
     (tmp_path / "secret").write_bytes(b"hunter2-very-secret\n")
     with MasterProcess(
-        ["--secret-file", "secret", "--log-level", "DEBUG"], cwd=str(tmp_path)
+        str(tmp_path), extra=["--secret-file", "secret", "--log-level", "DEBUG"]
     ) as master:
         with PeerClient(master.address, timeout=10) as peer:
             assert peer.handshake(b"hunter2-very-secret")["type"] == "welcome"
@@ -84,7 +84,7 @@ def test_secret_is_never_logged(tmp_path):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_stops_cleanly_with_exit_code_zero(tmp_path, sig):
-    with MasterProcess(cwd=str(tmp_path)) as master:
+    with MasterProcess(str(tmp_path)) as master:
         peers = [PeerClient(master.address, timeout=10) for _ in range(3)]
         try:
             for peer in peers:
@@ -114,7 +114,7 @@ def http_get(address: str, path: str) -> tuple[int, str, str]:
 
 
 def test_status_endpoint_serves_json_and_prometheus(tmp_path):
-    with MasterProcess(["--status", "127.0.0.1:0"], cwd=str(tmp_path)) as master:
+    with MasterProcess(str(tmp_path), extra=["--status", "127.0.0.1:0"]) as master:
         assert master.status_address and master.status_address != master.address
         with (
             PeerClient(master.address, timeout=10) as a,
@@ -164,7 +164,7 @@ def test_status_endpoint_serves_json_and_prometheus(tmp_path):
 def test_status_endpoint_bounds_requests(tmp_path):
     import socket
 
-    with MasterProcess(["--status", "127.0.0.1:0"], cwd=str(tmp_path)) as master:
+    with MasterProcess(str(tmp_path), extra=["--status", "127.0.0.1:0"]) as master:
         host, port = master.status_address.rsplit(":", 1)
         with socket.create_connection((host, int(port)), timeout=10) as s:
             s.sendall(b"GET /status HTTP/1.1\r\n" + b"X: " + b"a" * 20000 + b"\r\n\r\n")

@@ -24,7 +24,7 @@ WAIT = 10.0
 
 @pytest.fixture
 def master(tmp_path):
-    with MasterProcess(ARGS, cwd=str(tmp_path)) as proc:
+    with MasterProcess(str(tmp_path), extra=ARGS) as proc:
         yield proc
 
 
@@ -32,7 +32,7 @@ def master(tmp_path):
 def secret_master(tmp_path):
     secret_file = tmp_path / "secret"
     secret_file.write_bytes(SECRET + b"\n")
-    with MasterProcess([*ARGS, "--secret-file", str(secret_file)], cwd=str(tmp_path)) as proc:
+    with MasterProcess(str(tmp_path), extra=[*ARGS, "--secret-file", str(secret_file)]) as proc:
         yield proc
 
 

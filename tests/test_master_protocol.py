@@ -266,27 +266,27 @@ def _check(obj, direction):
         pass
 
 
-@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
-@given(st.binary(max_size=512))
-def test_any_bytes_decode_or_raise_protocol_violation(data):
-    try:
-        msg = protocol.decode(data)
-    except ProtocolViolation:
-        return
-    _check(msg, TO_MASTER)
-    _check(msg, TO_PEER)
-
-
-@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
-@given(msgpack_values | near_messages)
-def test_any_msgpack_object_validates_or_raises_protocol_violation(obj):
-    body = msgpack.packb(obj, use_bin_type=True)
+def _decode_and_check(body: bytes) -> None:
+    """``body`` decodes (then validates or not in each direction) or raises
+    ProtocolViolation."""
     try:
         msg = protocol.decode(body)
     except ProtocolViolation:
         return
     _check(msg, TO_MASTER)
     _check(msg, TO_PEER)
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=512))
+def test_any_bytes_decode_or_raise_protocol_violation(data):
+    _decode_and_check(data)
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@given(msgpack_values | near_messages)
+def test_any_msgpack_object_validates_or_raises_protocol_violation(obj):
+    _decode_and_check(msgpack.packb(obj, use_bin_type=True))
 
 
 @settings(max_examples=200)

@@ -21,6 +21,22 @@ def admitted_peer(address: str, **hello) -> PeerClient:
     return peer
 
 
+def admitted_pair(address: str) -> tuple[PeerClient, PeerClient, int]:
+    """The first peer, and a second one it voted in; both ring ready.
+    Returns them and the epoch of their ring."""
+    a = admitted_peer(address)
+    b = PeerClient(address, timeout=10)
+    b.join()
+    a.send({"type": "update_topology", "req": 1, "ring_ok": True, "admit": True})
+    epoch = a.expect("topology")["epoch"]
+    b.expect("topology")
+    for p in (a, b):
+        p.send({"type": "ring_ready", "epoch": epoch, "ok": True})
+    for p in (a, b):
+        p.expect("topology_ready")
+    return a, b, epoch
+
+
 def test_master_node_lifecycle():
     node = MasterNode(listen="127.0.0.1:0", status="127.0.0.1:0")
     with node:
@@ -100,16 +116,7 @@ def test_operation_outcome_over_the_wire():
 def test_silent_peer_is_lost_within_the_heartbeat_timeout():
     timeout = 0.6
     with MasterNode(heartbeat_interval=0.1, heartbeat_timeout=timeout) as node:
-        a = admitted_peer(node.address)
-        b = PeerClient(node.address, timeout=10)
-        b.join()
-        a.send({"type": "update_topology", "req": 1, "ring_ok": True, "admit": True})
-        epoch = a.expect("topology")["epoch"]
-        b.expect("topology")
-        a.send({"type": "ring_ready", "epoch": epoch, "ok": True})
-        b.send({"type": "ring_ready", "epoch": epoch, "ok": True})
-        a.expect("topology_ready")
-        b.expect("topology_ready")
+        a, b, epoch = admitted_pair(node.address)
         # From here b says nothing (a frozen process); a keeps heartbeating.
         t0 = time.monotonic()
         deadline = t0 + 10
@@ -131,16 +138,7 @@ def test_silent_peer_is_lost_within_the_heartbeat_timeout():
 
 def test_non_voter_is_evicted_over_the_wire():
     with MasterNode(vote_timeout=0.5, heartbeat_timeout=30) as node:
-        a = admitted_peer(node.address)
-        b = PeerClient(node.address, timeout=10)
-        b.join()
-        a.send({"type": "update_topology", "req": 1, "ring_ok": True, "admit": True})
-        epoch = a.expect("topology")["epoch"]
-        b.expect("topology")
-        for p in (a, b):
-            p.send({"type": "ring_ready", "epoch": epoch, "ok": True})
-        for p in (a, b):
-            p.expect("topology_ready")
+        a, b, epoch = admitted_pair(node.address)
         t0 = time.monotonic()
         # b never votes
         a.send({"type": "update_topology", "req": 2, "ring_ok": True, "admit": True})

@@ -88,6 +88,14 @@ class Run:
         assert all(self.state.peers[p].state == ADMITTED for p in ids)
         return ids
 
+    def admit_third(self) -> tuple[str, str, str, int]:
+        """Two admitted peers vote a third in: the new epoch's ring phase
+        has begun.  Returns the three peers and that epoch."""
+        a, b = self.form(0, 0)
+        c = self.join()
+        self.vote_all()
+        return a, b, c, self.state.epoch
+
 
 @pytest.fixture
 def run() -> Run:
@@ -186,10 +194,7 @@ def test_ring_ok_false_bumps_the_epoch(run):
 
 
 def test_ring_ready_failure_is_reported_to_everyone(run):
-    a, b = run.form(0, 0)
-    c = run.join()
-    run.vote_all()
-    e = run.state.epoch
+    a, b, c, e = run.admit_third()
     run.send(a, type="ring_ready", epoch=e, ok=True)
     run.send(b, type="ring_ready", epoch=e, ok=False)
     run.send(c, type="ring_ready", epoch=e, ok=True)
@@ -325,12 +330,8 @@ def test_round_closes_when_its_only_voter_is_lost(run):
 
 
 def test_missing_ring_ready_is_evicted_after_the_vote_timeout(run):
-    a, b = run.form(0, 0)
-    c = run.join()
-    run.vote_all()
-    e = run.state.epoch
-    run.send(a, type="ring_ready", epoch=e, ok=True)
-    run.send(c, type="ring_ready", epoch=e, ok=True)
+    a, b, c, e = run.admit_third()
+    run.ring_ready_all(e, [a, c])
     run.now += VOTE_TIMEOUT
     for p in (a, b, c):  # b is alive but its ring never gets ready
         run.send(p, type="heartbeat")
@@ -340,12 +341,8 @@ def test_missing_ring_ready_is_evicted_after_the_vote_timeout(run):
 
 
 def test_peer_lost_during_ring_phase_fails_it_at_once(run):
-    a, b = run.form(0, 0)
-    c = run.join()
-    run.vote_all()
-    e = run.state.epoch
-    run.send(a, type="ring_ready", epoch=e, ok=True)
-    run.send(c, type="ring_ready", epoch=e, ok=True)
+    a, b, c, e = run.admit_third()
+    run.ring_ready_all(e, [a, c])
     run.apply(run.state.disconnect(c, "closed", run.now))  # c already reported
     run.apply(run.state.disconnect(b, "closed", run.now))
     assert run.take(a, "topology_ready") == [{"type": "topology_ready", "epoch": e, "ok": False}]

@@ -20,9 +20,11 @@ import numpy as np
 import pytest
 
 from pccl.testing.peer_worker import (
-    MasterProcess,
     PeerProcess,
+    PeerRun,
+    admit,
     gather,
+    join_all,
     make_input,
     request_all,
     send_all,
@@ -33,46 +35,25 @@ HEARTBEAT_INTERVAL = 0.25
 BIG = 8 << 20  # float32 elements: an operation long enough to be hit mid-flight
 
 
-class Run:
+def new_run(tmp_path, vote_timeout: float = 10.0) -> PeerRun:
     """A master and the peers of one test; kills everything at the end."""
-
-    def __init__(self, workdir: str, vote_timeout: float = 10.0):
-        self.workdir = workdir
-        self.master = MasterProcess(
-            workdir,
-            heartbeat_timeout=HEARTBEAT_TIMEOUT,
-            heartbeat_interval=HEARTBEAT_INTERVAL,
-            vote_timeout=vote_timeout,
-        )
-        self.peers: list[PeerProcess] = []
-
-    def peer(self, index: int, group: int = 0) -> PeerProcess:
-        p = PeerProcess(self.workdir, self.master.address, index, group=group)
-        self.peers.append(p)
-        return p
-
-    def close(self) -> None:
-        for p in self.peers:
-            p.signal(signal.SIGCONT)
-            p.kill()
-        self.master.kill()
+    return PeerRun(
+        str(tmp_path),
+        heartbeat_timeout=HEARTBEAT_TIMEOUT,
+        heartbeat_interval=HEARTBEAT_INTERVAL,
+        vote_timeout=vote_timeout,
+    )
 
 
 @pytest.fixture
-def run(tmp_path) -> Iterator[Run]:
-    r = Run(str(tmp_path))
-    try:
+def run(tmp_path) -> Iterator[PeerRun]:
+    with new_run(tmp_path) as r:
         yield r
-    finally:
-        r.close()
 
 
 def join(peers: list[PeerProcess], timeout: float = 60.0) -> None:
     """Connect every peer, then vote until all are admitted."""
-    send_all(peers, "connect", timeout=timeout)
-    send_all(peers, "sync_world", n=len(peers), timeout=timeout)
-    gather(peers, timeout + 10, what="connect")
-    replies = gather(peers, timeout + 10, what="sync_world")
+    replies = join_all(peers, timeout)
     assert {r["world_size"] for r in replies} == {len(peers)}
 
 
@@ -96,6 +77,21 @@ def reduce_ok(peers: list[PeerProcess], seed: int, n: int = 4099, **kw) -> list[
     return replies
 
 
+def hit_mid_reduce(
+    peers: list[PeerProcess], victim: PeerProcess, sig: signal.Signals, seed: int
+) -> tuple[list[PeerProcess], list[dict], float]:
+    """Start a long all_reduce (retrying after a loss) on every peer, send
+    ``sig`` to ``victim`` once all are inside it; returns the survivors,
+    their replies and the time of the signal."""
+    survivors = [p for p in peers if p is not victim]
+    send_all(peers, "all_reduce", n=BIG, seed=seed, retry=True)
+    for p in peers:  # everyone is inside the operation (inputs are made)
+        p.wait_event("started", 30, seed=seed)
+    t_signal = time.monotonic()
+    victim.signal(sig)
+    return survivors, gather(survivors, 60, what=f"all_reduce after {sig.name}"), t_signal
+
+
 def test_join_kill_stop_and_rejoin(run, record_property):
     peers = [run.peer(i) for i in range(4)]
     join(peers)
@@ -114,14 +110,7 @@ def test_join_kill_stop_and_rejoin(run, record_property):
 
     # SIGKILL one peer mid-operation: survivors raise PeerLostError within
     # 2 s with inputs unchanged, then update_topology and retry (in the worker).
-    victim = peers[1]
-    survivors = [p for p in peers if p is not victim]
-    send_all(peers, "all_reduce", n=BIG, seed=3, retry=True)
-    for p in peers:  # everyone is inside the operation (inputs are made)
-        p.wait_event("started", 30, seed=3)
-    t_kill = time.monotonic()
-    victim.signal(signal.SIGKILL)
-    replies = gather(survivors, 60, what="all_reduce after SIGKILL")
+    survivors, replies, t_kill = hit_mid_reduce(peers, peers[1], signal.SIGKILL, seed=3)
     to_error = [r["t_error"] - t_kill for r in replies if "t_error" in r]
     to_success = [r["t_done"] - t_kill for r in replies]
     record_property("kill_to_error_s", max(to_error, default=None))
@@ -141,13 +130,7 @@ def test_join_kill_stop_and_rejoin(run, record_property):
     # SIGSTOP one peer mid-operation: survivors raise within the heartbeat
     # timeout (plus one heartbeat interval of detection granularity).
     frozen = peers[1]
-    survivors = [p for p in peers if p is not frozen]
-    send_all(peers, "all_reduce", n=BIG, seed=4, retry=True)
-    for p in peers:  # everyone is inside the operation (inputs are made)
-        p.wait_event("started", 30, seed=4)
-    t_stop = time.monotonic()
-    frozen.signal(signal.SIGSTOP)
-    replies = gather(survivors, 60, what="all_reduce after SIGSTOP")
+    survivors, replies, t_stop = hit_mid_reduce(peers, frozen, signal.SIGSTOP, seed=4)
     to_error = [r["t_error"] - t_stop for r in replies if "t_error" in r]
     record_property("stop_to_error_s", max(to_error, default=None))
     print(
@@ -172,10 +155,7 @@ def test_join_kill_stop_and_rejoin(run, record_property):
     assert not again["ok"] and again["connection_error"], again
     assert again["error"] in ("MasterConnectionError", "EvictedError")
     assert "connect() again" in again["message"]
-    frozen.send("connect", timeout=60)
-    survivors[0].request("wait_pending", timeout=30)
-    request_all(survivors, "update_topology")
-    assert frozen.reply(30, "reconnect")["ok"]
+    assert admit(survivors, frozen, "reconnect")["ok"]
     peers = [*survivors, frozen]
     assert {r["world_size"] for r in request_all(peers, "info")} == {len(peers)}
     reduce_ok(peers, seed=6)
@@ -266,8 +246,7 @@ def wait_until_pending(peer: PeerProcess, timeout: float = 30.0) -> None:
 
 def test_peer_that_never_votes_is_evicted(tmp_path):
     vote_timeout = 2.0
-    r = Run(str(tmp_path), vote_timeout=vote_timeout)
-    try:
+    with new_run(tmp_path, vote_timeout) as r:
         peers = [r.peer(i) for i in range(3)]
         join(peers)
         voters, idle = peers[:2], peers[2]
@@ -281,13 +260,8 @@ def test_peer_that_never_votes_is_evicted(tmp_path):
         assert not stale["ok"] and stale["error"] == "EvictedError", stale
         assert "vote" in stale["message"]
         # It may come back as a newcomer at the next vote.
-        idle.send("connect", timeout=60)
-        voters[0].request("wait_pending", timeout=30)
-        request_all(voters, "update_topology")
-        assert idle.reply(30, "reconnect")["ok"]
+        assert admit(voters, idle, "reconnect")["ok"]
         reduce_ok(peers, seed=13)
-    finally:
-        r.close()
 
 
 def _digest(x: np.ndarray) -> str:

@@ -5,11 +5,13 @@ timeouts, close) end within their deadlines."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import re
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +39,27 @@ def header_enum(name: str) -> dict[str, int]:
     return {
         k: int(v, 0) for k, v in re.findall(r"(PCCL_\w+)\s*=\s*(0x[0-9a-fA-F]+|\d+)", m.group(1))
     }
+
+
+@contextlib.contextmanager
+def two_rings(*per_rank: dict, **kwargs) -> Iterator[list[pccl.StaticRing]]:
+    """Ranks 0 and 1 of one ring in this process, not connected yet
+    (``per_rank[r]``: more arguments for rank r); closed on exit."""
+    rings: list[pccl.StaticRing] = []
+    try:
+        for r in range(2):
+            rings.append(pccl.StaticRing(r, 2, **kwargs, **(per_rank[r] if per_rank else {})))
+        yield rings
+    finally:
+        for ring in rings:
+            ring.close()
+
+
+def reduce_together(rings, xs, timeout: float) -> None:
+    """All-reduce ``xs[r]`` on ``rings[r]``, every rank at once (in place)."""
+    handles = [ring.all_reduce_async(x) for ring, x in zip(rings, xs, strict=True)]
+    for h in handles:
+        h.wait(timeout=timeout)
 
 
 # --------------------------------------------------------------------------
@@ -471,18 +494,12 @@ def test_pair_sum_and_info(ring_pair):
 
 
 def test_matching_secret(connect_concurrently):
-    rings = [pccl.StaticRing(r, 2, secret="s3cret", p2p_connections=3) for r in range(2)]
-    try:
+    with two_rings(secret="s3cret", p2p_connections=3) as rings:
         errs, _ = connect_concurrently(rings, [r.address for r in rings], 10)
         assert errs == [None, None]
         xs = [np.full(100, r + 1, np.float32) for r in range(2)]
-        hs = [ring.all_reduce_async(x) for ring, x in zip(rings, xs, strict=True)]
-        for h in hs:
-            h.wait(timeout=20)
+        reduce_together(rings, xs, timeout=20)
         assert all(np.all(x == 3) for x in xs)
-    finally:
-        for r in rings:
-            r.close()
 
 
 @pytest.mark.parametrize(
@@ -492,16 +509,12 @@ def test_matching_secret(connect_concurrently):
 )
 def test_wrong_secret_fails_within_timeout(connect_concurrently, secrets):
     timeout = 5.0
-    rings = [pccl.StaticRing(r, 2, secret=s, handshake_timeout=2.0) for r, s in enumerate(secrets)]
-    try:
+    with two_rings(*({"secret": s} for s in secrets), handshake_timeout=2.0) as rings:
         errs, elapsed = connect_concurrently(rings, [r.address for r in rings], timeout)
         assert all(isinstance(e, pccl.PcclError) for e in errs), errs
         assert all(isinstance(e, ConnectionError) for e in errs), errs
         assert any(isinstance(e, pccl.AuthenticationError) for e in errs), errs
         assert elapsed < timeout + 1.0
-    finally:
-        for r in rings:
-            r.close()
 
 
 def test_connect_to_a_port_nobody_listens_on():
@@ -588,9 +601,7 @@ def test_rebuild_ring_after_abort(ring_pair, connect_concurrently):
     errs, _ = connect_concurrently(ring_pair, [r.address for r in ring_pair], 10, epoch=1)
     assert errs == [None, None]
     xs = [np.full(10, r + 1.0, np.float32) for r in range(2)]
-    hs = [ring.all_reduce_async(y) for ring, y in zip(ring_pair, xs, strict=True)]
-    for hh in hs:
-        hh.wait(timeout=20)
+    reduce_together(ring_pair, xs, timeout=20)
     assert all(np.all(y == 3) for y in xs)
 
 
@@ -631,25 +642,18 @@ def test_abort_wakes_connect():
 
 @pytest.mark.timeout(60)
 def test_64_connections(connect_concurrently):
-    rings = [pccl.StaticRing(r, 2, p2p_connections=64) for r in range(2)]
-    try:
+    with two_rings(p2p_connections=64) as rings:
         errs, _ = connect_concurrently(rings, [r.address for r in rings], 20)
         assert errs == [None, None]
         xs = [np.full(1_000_003, r + 1, np.int32) for r in range(2)]
-        hs = [ring.all_reduce_async(x) for ring, x in zip(rings, xs, strict=True)]
-        for h in hs:
-            h.wait(timeout=30)
+        reduce_together(rings, xs, timeout=30)
         assert all(np.all(x == 3) for x in xs)
-    finally:
-        for r in rings:
-            r.close()
 
 
 def test_bind_addresses(connect_concurrently):
     """Connections bound to given local addresses (any 127/8 address is
     loopback on Linux)."""
-    rings = [pccl.StaticRing(r, 2, p2p_connections=3) for r in range(2)]
-    try:
+    with two_rings(p2p_connections=3) as rings:
         addrs = [r.address for r in rings]
         errs = [None, None]
 
@@ -667,13 +671,8 @@ def test_bind_addresses(connect_concurrently):
         assert not any(t.is_alive() for t in threads)
         assert errs == [None, None]
         xs = [np.full(1000, r + 1.5, np.float64) for r in range(2)]
-        hs = [ring.all_reduce_async(x) for ring, x in zip(rings, xs, strict=True)]
-        for h in hs:
-            h.wait(timeout=20)
+        reduce_together(rings, xs, timeout=20)
         assert all(np.all(x == 4.0) for x in xs)
-    finally:
-        for r in rings:
-            r.close()
 
 
 @pytest.mark.parametrize("bind", ["127.0.0.1:99999", "", "127.0.0.1:x", "192.0.2.1"])

@@ -18,7 +18,7 @@ import pytest
 
 import pccl
 from pccl.shared_state import hash_tensor, key_of
-from pccl.testing.peer_worker import MasterProcess, gather, request_all, send_all
+from pccl.testing.peer_worker import PeerRun, admit, gather, join_all, request_all
 from pccl.testing.state_worker import StatePeer, make_tensor
 
 # Every dtype and layout the issue names, a large tensor (striped across
@@ -49,49 +49,24 @@ def nbytes(spec: list[dict], names=None) -> int:
     return sum(t["n"] * size[t["kind"]] for t in spec if names is None or t["name"] in names)
 
 
-class Run:
-    def __init__(self, workdir: str):
-        self.workdir = workdir
-        self.master = MasterProcess(workdir, heartbeat_timeout=3.0, heartbeat_interval=0.25,
-                                    vote_timeout=20.0)
-        self.peers: list[StatePeer] = []
-
-    def peer(self, index: int) -> StatePeer:
-        p = StatePeer(self.workdir, self.master.address, index)
-        self.peers.append(p)
-        return p
-
-    def close(self) -> None:
-        for p in self.peers:
-            p.kill()
-        self.master.kill()
-
-
 @pytest.fixture
-def run(tmp_path) -> Iterator[Run]:
-    r = Run(str(tmp_path))
-    try:
+def run(tmp_path) -> Iterator[PeerRun]:
+    with PeerRun(
+        str(tmp_path),
+        StatePeer,
+        heartbeat_timeout=3.0,
+        heartbeat_interval=0.25,
+        vote_timeout=20.0,
+    ) as r:
         yield r
-    finally:
-        r.close()
 
 
-def start(run: Run, n: int, spec: list[dict], revision: int = 1) -> list[StatePeer]:
+def start(run: PeerRun, n: int, spec: list[dict], revision: int = 1) -> list[StatePeer]:
     """``n`` admitted peers holding the same state at ``revision``."""
     peers = [run.peer(i) for i in range(n)]
-    send_all(peers, "connect", timeout=60)
-    send_all(peers, "sync_world", n=n, timeout=60)
-    gather(peers, 70, what="connect")
-    gather(peers, 70, what="sync_world")
+    join_all(peers, timeout=60)
     request_all(peers, "make_state", tensors=spec, revision=revision)
     return peers
-
-
-def admit(peers: list[StatePeer], joiner: StatePeer) -> None:
-    joiner.send("connect", timeout=60)
-    peers[0].request("wait_pending", timeout=30)
-    request_all(peers, "update_topology")
-    assert joiner.reply(30, "connect")["ok"]
 
 
 def sync(peers: list[StatePeer], check: bool = True, **per_peer) -> list[dict]:
@@ -118,7 +93,7 @@ def test_in_sync_peers_move_nothing_and_a_joiner_gets_everything(run, record_pro
     assert_identical(replies)
 
     joiner = run.peer(3)
-    admit(peers, joiner)
+    assert admit(peers, joiner)["ok"]
     joiner.request("make_state", tensors=zeros(MIXED), revision=0)
     replies = sync(peers + [joiner], **{joiner.label: {"bump": False}})
     assert_identical(replies)
@@ -160,7 +135,7 @@ def test_joiner_completes_when_a_distributor_is_killed_mid_transfer(run):
     ]
     peers = start(run, 3, spec)
     joiner = run.peer(3)
-    admit(peers, joiner)
+    assert admit(peers, joiner)["ok"]
     joiner.request("make_state", tensors=zeros(spec), revision=0)
     for p in peers:
         p.send("sync")

@@ -16,30 +16,7 @@
 #include "net/frame.h"
 #include "testutil.h"
 
-static unsigned long checks;
-
-#define T(cond)            \
-    do {                   \
-        CHECK(cond);       \
-        checks++;          \
-    } while (0)
-#define T_RV(expr, want)       \
-    do {                       \
-        CHECK_RV(expr, want);  \
-        checks++;              \
-    } while (0)
-
-/* xorshift64*: deterministic, so a failure reproduces. */
-static uint64_t rng_state = 0x9e3779b97f4a7c15ull;
-
-static uint64_t
-rnd(void)
-{
-    rng_state ^= rng_state >> 12;
-    rng_state ^= rng_state << 25;
-    rng_state ^= rng_state >> 27;
-    return rng_state * 0x2545f4914f6cdd1dull;
-}
+TEST_RNG(xorshift64s, 0x9e3779b97f4a7c15ull)
 
 static int
 is_floating(uint8_t dtype)

@@ -16,33 +16,11 @@
 #include "net/handshake.h"
 #include "testutil.h"
 
-static unsigned long checks;
-
-#define T(cond)            \
-    do {                   \
-        CHECK(cond);       \
-        checks++;          \
-    } while (0)
-#define T_RV(expr, want)       \
-    do {                       \
-        CHECK_RV(expr, want);  \
-        checks++;              \
-    } while (0)
+TEST_RNG(xorshift64s, 0x243f6a8885a308d3ull)
 
 static const uint8_t secret[] = "pccl test secret";
 static const size_t secret_len = sizeof(secret) - 1;
 static const uint8_t other_secret[] = "pccl test secreT";
-
-static uint64_t rng_state = 0x243f6a8885a308d3ull;
-
-static uint64_t
-rnd(void)
-{
-    rng_state ^= rng_state >> 12;
-    rng_state ^= rng_state << 25;
-    rng_state ^= rng_state >> 27;
-    return rng_state * 0x2545f4914f6cdd1dull;
-}
 
 static void
 unhex(const char *s, uint8_t *out, size_t n)

@@ -21,32 +21,7 @@
 #include "pccl.h"
 #include "testutil.h"
 
-static unsigned long checks;
-
-#define COUNT(cond)                                                           \
-    do {                                                                      \
-        checks++;                                                             \
-        CHECK(cond);                                                          \
-    } while (0)
-
-/* splitmix64: small, seedable, good enough for test data. */
-static uint64_t rng_state = 0x9e3779b97f4a7c15u;
-
-static uint64_t
-rnd(void)
-{
-    uint64_t z = (rng_state += UINT64_C(0x9e3779b97f4a7c15));
-    z = (z ^ (z >> 30)) * UINT64_C(0xbf58476d1ce4e5b9);
-    z = (z ^ (z >> 27)) * UINT64_C(0x94d049bb133111eb);
-    return z ^ (z >> 31);
-}
-
-/* Uniform double in [-r, r). */
-static double
-rnd_real(double r)
-{
-    return ((double)(rnd() >> 11) * 0x1p-53 * 2.0 - 1.0) * r;
-}
+TEST_RNG(splitmix64, 0x9e3779b97f4a7c15u)
 
 static float
 f32_of(uint32_t u)
@@ -168,9 +143,9 @@ static void
 check_same_value(double got, double want)
 {
     if (isnan(want)) {
-        COUNT(isnan(got));
+        T(isnan(got));
     } else {
-        COUNT(got == want && !signbit(got) == !signbit(want));
+        T(got == want && !signbit(got) == !signbit(want));
     }
 }
 
@@ -190,16 +165,16 @@ test_all_halves(void)
         check_same_value(g, ref_bf16(h));
         if (isnan(f)) {
             /* NaN stays NaN; a quiet NaN keeps its exact bits. */
-            COUNT((back & 0x7c00) == 0x7c00 && (back & 0x3ff) != 0);
-            COUNT(!(h & 0x200) || back == h);
+            T((back & 0x7c00) == 0x7c00 && (back & 0x3ff) != 0);
+            T(!(h & 0x200) || back == h);
         } else {
-            COUNT(back == h);
+            T(back == h);
         }
         if (isnan(g)) {
-            COUNT((gback & 0x7f80) == 0x7f80 && (gback & 0x7f) != 0);
-            COUNT(!(h & 0x40) || gback == h);
+            T((gback & 0x7f80) == 0x7f80 && (gback & 0x7f) != 0);
+            T(!(h & 0x40) || gback == h);
         } else {
-            COUNT(gback == h);
+            T(gback == h);
         }
     }
 }
@@ -217,11 +192,11 @@ test_ties(int eb, uint16_t last_finite, uint16_t (*narrow)(float))
         float mid = (float)((lo + hi) / 2);
         uint16_t even = (h & 1) ? (uint16_t)(h + 1) : (uint16_t)h;
 
-        COUNT((double)mid == (lo + hi) / 2); /* midpoint is a float */
-        COUNT(narrow(mid) == even);
-        COUNT(narrow(-mid) == (even | 0x8000));
-        COUNT(narrow(nextafterf(mid, 0.0f)) == h);
-        COUNT(narrow(nextafterf(mid, INFINITY)) == h + 1);
+        T((double)mid == (lo + hi) / 2); /* midpoint is a float */
+        T(narrow(mid) == even);
+        T(narrow(-mid) == (even | 0x8000));
+        T(narrow(nextafterf(mid, 0.0f)) == h);
+        T(narrow(nextafterf(mid, INFINITY)) == h + 1);
     }
 }
 
@@ -232,15 +207,15 @@ check_narrow(float f)
     uint16_t b = pccl__float_to_bf16(f), rb = ref_to_bf16(f);
 
     if (isnan(f)) {
-        COUNT(isnan(pccl__half_to_float(h)) && isnan(pccl__bf16_to_float(b)));
+        T(isnan(pccl__half_to_float(h)) && isnan(pccl__bf16_to_float(b)));
         return;
     }
     if (h != rh || b != rb) {
         fprintf(stderr, "narrow %a (0x%08x): half 0x%04x want 0x%04x, bf16 0x%04x want 0x%04x\n",
                 (double)f, (unsigned)bits_of_f32(f), h, rh, b, rb);
     }
-    COUNT(h == rh);
-    COUNT(b == rb);
+    T(h == rh);
+    T(b == rb);
 }
 
 static void
@@ -257,23 +232,23 @@ test_narrowing(void)
         check_narrow(f32_of((uint32_t)rnd()));
     }
     /* Boundaries of the half range. */
-    COUNT(pccl__float_to_half(65504.0f) == 0x7bff);
-    COUNT(pccl__float_to_half(nextafterf(65520.0f, 0.0f)) == 0x7bff);
-    COUNT(pccl__float_to_half(65520.0f) == 0x7c00);
-    COUNT(pccl__float_to_half(1e30f) == 0x7c00);
-    COUNT(pccl__float_to_half(-INFINITY) == 0xfc00);
-    COUNT(pccl__float_to_half(0x1p-25f) == 0x0000);              /* tie to even 0 */
-    COUNT(pccl__float_to_half(nextafterf(0x1p-25f, 1.0f)) == 0x0001);
-    COUNT(pccl__float_to_half(0x1.8p-24f) == 0x0002);            /* tie to even 2 */
-    COUNT(pccl__float_to_half(-0.0f) == 0x8000);
-    COUNT(pccl__float_to_half(f32_of(1)) == 0x0000);
-    COUNT(pccl__float_to_bf16(FLT_MAX) == 0x7f80);                  /* rounds up to inf */
-    COUNT(pccl__float_to_bf16(f32_of(1)) == 0x0000);
-    COUNT(pccl__float_to_bf16(f32_of(0x00008000u)) == 0x0000);      /* tie to even */
-    COUNT(pccl__float_to_bf16(f32_of(0x00018000u)) == 0x0002);
+    T(pccl__float_to_half(65504.0f) == 0x7bff);
+    T(pccl__float_to_half(nextafterf(65520.0f, 0.0f)) == 0x7bff);
+    T(pccl__float_to_half(65520.0f) == 0x7c00);
+    T(pccl__float_to_half(1e30f) == 0x7c00);
+    T(pccl__float_to_half(-INFINITY) == 0xfc00);
+    T(pccl__float_to_half(0x1p-25f) == 0x0000);              /* tie to even 0 */
+    T(pccl__float_to_half(nextafterf(0x1p-25f, 1.0f)) == 0x0001);
+    T(pccl__float_to_half(0x1.8p-24f) == 0x0002);            /* tie to even 2 */
+    T(pccl__float_to_half(-0.0f) == 0x8000);
+    T(pccl__float_to_half(f32_of(1)) == 0x0000);
+    T(pccl__float_to_bf16(FLT_MAX) == 0x7f80);                  /* rounds up to inf */
+    T(pccl__float_to_bf16(f32_of(1)) == 0x0000);
+    T(pccl__float_to_bf16(f32_of(0x00008000u)) == 0x0000);      /* tie to even */
+    T(pccl__float_to_bf16(f32_of(0x00018000u)) == 0x0002);
     /* A NaN whose payload sits only in dropped bits is still a NaN. */
-    COUNT(isnan(pccl__half_to_float(pccl__float_to_half(f32_of(0x7f800001u)))));
-    COUNT(isnan(pccl__bf16_to_float(pccl__float_to_bf16(f32_of(0xff800001u)))));
+    T(isnan(pccl__half_to_float(pccl__float_to_half(f32_of(0x7f800001u)))));
+    T(isnan(pccl__bf16_to_float(pccl__float_to_bf16(f32_of(0xff800001u)))));
 }
 
 /* ---- reduce tests ---------------------------------------------------- */
@@ -607,10 +582,10 @@ test_reduce_case(pccl_dtype dt, pccl_op op, size_t n, enum alias mode)
                     (unsigned long long)load_bits(mode == ALL_SAME ? a : b, i, es),
                     (unsigned long long)got, (unsigned long long)w);
         }
-        COUNT(same_result(dt, op, got, w));
+        T(same_result(dt, op, got, w));
     }
     for (i = n * es; i < bytes; i++) {
-        COUNT(out[i] == 0xc3);
+        T(out[i] == 0xc3);
     }
     free(a);
     free(b);
@@ -663,7 +638,7 @@ test_edge_pairs(void)
                                 (unsigned long long)e[i], (unsigned long long)e[j],
                                 (unsigned long long)got, (unsigned long long)want);
                     }
-                    COUNT(same_result(dt, all_ops[o], got, want));
+                    T(same_result(dt, all_ops[o], got, want));
                 }
             }
         }
@@ -680,16 +655,16 @@ test_minmax_rules(void)
     uint32_t nan_a = bits_of_f32(a[2]), nan_b = bits_of_f32(b[3]);
 
     pccl__reduce(out, a, b, 4, PCCL_FLOAT32, PCCL_MIN);
-    COUNT(bits_of_f32(out[0]) == 0x80000000u && bits_of_f32(out[1]) == 0x80000000u);
-    COUNT(bits_of_f32(out[2]) == nan_a && bits_of_f32(out[3]) == nan_b);
+    T(bits_of_f32(out[0]) == 0x80000000u && bits_of_f32(out[1]) == 0x80000000u);
+    T(bits_of_f32(out[2]) == nan_a && bits_of_f32(out[3]) == nan_b);
     pccl__reduce(out, a, b, 4, PCCL_FLOAT32, PCCL_MAX);
-    COUNT(bits_of_f32(out[0]) == 0 && bits_of_f32(out[1]) == 0);
-    COUNT(bits_of_f32(out[2]) == nan_a && bits_of_f32(out[3]) == nan_b);
+    T(bits_of_f32(out[0]) == 0 && bits_of_f32(out[1]) == 0);
+    T(bits_of_f32(out[2]) == nan_a && bits_of_f32(out[3]) == nan_b);
     /* both NaN: a's bits */
     a[0] = f32_of(0x7fc00001u);
     b[0] = f32_of(0xffc00002u);
     pccl__reduce(out, a, b, 1, PCCL_FLOAT32, PCCL_MAX);
-    COUNT(bits_of_f32(out[0]) == 0x7fc00001u);
+    T(bits_of_f32(out[0]) == 0x7fc00001u);
 }
 
 /* ---- AVG finalize ---------------------------------------------------- */
@@ -741,7 +716,7 @@ test_avg_finalize(void)
                             (unsigned long long)load_bits(orig, i, es),
                             (unsigned long long)got, (unsigned long long)want);
                 }
-                COUNT(same_result(dt, PCCL_SUM, got, want));
+                T(same_result(dt, PCCL_SUM, got, want));
             }
         }
         pccl__avg_finalize(buf, 0, dt, 3); /* n == 0 is a no-op */
@@ -751,7 +726,7 @@ test_avg_finalize(void)
     {
         int8_t x[3] = { -128, 127, -7 };
         pccl__avg_finalize(x, 3, PCCL_INT8, 2);
-        COUNT(x[0] == -64 && x[1] == 63 && x[2] == -3); /* truncation toward 0 */
+        T(x[0] == -64 && x[1] == 63 && x[2] == -3); /* truncation toward 0 */
     }
 }
 
@@ -762,7 +737,7 @@ main(void)
 
     for (d = 0; d < sizeof(all_dtypes) / sizeof(all_dtypes[0]); d++) {
         pccl_dtype dt = all_dtypes[d];
-        COUNT(pccl__dtype_is_float(dt) == (dt <= PCCL_BFLOAT16));
+        T(pccl__dtype_is_float(dt) == (dt <= PCCL_BFLOAT16));
     }
     test_all_halves();
     test_ties(5, 0x7bff, pccl__float_to_half);

@@ -21,30 +21,7 @@
 #include "pccl.h"
 #include "testutil.h"
 
-static unsigned long checks;
-
-#define COUNT(cond)                                                           \
-    do {                                                                      \
-        checks++;                                                             \
-        CHECK(cond);                                                          \
-    } while (0)
-
-static uint64_t rng_state = 0x243f6a8885a308d3u;
-
-static uint64_t
-rnd(void)
-{
-    uint64_t z = (rng_state += UINT64_C(0x9e3779b97f4a7c15));
-    z = (z ^ (z >> 30)) * UINT64_C(0xbf58476d1ce4e5b9);
-    z = (z ^ (z >> 27)) * UINT64_C(0x94d049bb133111eb);
-    return z ^ (z >> 31);
-}
-
-static double
-rnd_real(double r)
-{
-    return ((double)(rnd() >> 11) * 0x1p-53 * 2.0 - 1.0) * r;
-}
+TEST_RNG(splitmix64, 0x243f6a8885a308d3u)
 
 static const pccl_dtype fdtypes[] = { PCCL_FLOAT32, PCCL_FLOAT64, PCCL_FLOAT16, PCCL_BFLOAT16 };
 static const char *const names[] = { "float32", "float64", "float16", "bfloat16" };
@@ -197,19 +174,19 @@ test_slice(pccl_dtype dt, size_t n, enum kind k)
     pccl__quant_minmax(x, n, dt, q, &qmin, &qscale);
     pccl__quant_minmax(x, n, dt, q2, &qmin2, &qscale2);
     /* Deterministic: same bytes and same metadata bits. */
-    COUNT(memcmp(q, q2, n) == 0);
-    COUNT(memcmp(&qmin, &qmin2, sizeof(qmin)) == 0);
-    COUNT(memcmp(&qscale, &qscale2, sizeof(qscale)) == 0);
-    COUNT(isfinite(qmin) && isfinite(qscale) && qscale >= 0.0);
+    T(memcmp(q, q2, n) == 0);
+    T(memcmp(&qmin, &qmin2, sizeof(qmin)) == 0);
+    T(memcmp(&qscale, &qscale2, sizeof(qscale)) == 0);
+    T(isfinite(qmin) && isfinite(qscale) && qscale >= 0.0);
     if (dt != PCCL_FLOAT64) {
         /* metadata holds float values exactly */
-        COUNT(fabs(qmin) <= FLT_MAX && (double)(float)qmin == qmin);
-        COUNT(qscale <= FLT_MAX && (double)(float)qscale == qscale);
+        T(fabs(qmin) <= FLT_MAX && (double)(float)qmin == qmin);
+        T(qscale <= FLT_MAX && (double)(float)qscale == qscale);
     }
 
     pccl__dequant(q, n, qmin, qscale, dt, y);
     pccl__dequant(q, n, qmin, qscale, dt, y2);
-    COUNT(memcmp(y, y2, n * es) == 0);
+    T(memcmp(y, y2, n * es) == 0);
 
     for (i = 0; i < n; i++) {
         double v = get(x, i, dt);
@@ -222,16 +199,16 @@ test_slice(pccl_dtype dt, size_t n, enum kind k)
     }
     if (lo > hi) {
         /* nothing finite: the rule gives min = scale = 0 */
-        COUNT(qmin == 0.0 && qscale == 0.0);
+        T(qmin == 0.0 && qscale == 0.0);
     } else {
-        COUNT(qmin == lo);
+        T(qmin == lo);
     }
     for (i = 0; i < n; i++) {
         double v = get(x, i, dt), d = get(y, i, dt);
         if (isnan(v) || v == -INFINITY || qscale == 0.0) {
-            COUNT(q[i] == 0);
+            T(q[i] == 0);
         } else if (v == INFINITY) {
-            COUNT(q[i] == 255);
+            T(q[i] == 255);
         } else if (k != K_HUGE || dt == PCCL_FLOAT16) {
             /* Error bound; a range wider than the largest finite value
              * (K_HUGE) may dequantize its top to inf, see quant.c. */
@@ -241,12 +218,12 @@ test_slice(pccl_dtype dt, size_t n, enum kind k)
                 fprintf(stderr, "%s kind %d n %zu [%zu]: x %a -> q %u -> %a (min %a scale %a)\n",
                         names[dt], (int)k, n, i, v, q[i], d, qmin, qscale);
             }
-            COUNT(fabs(d - v) <= bound);
+            T(fabs(d - v) <= bound);
         }
     }
     if (k == K_CONST) {
         /* A constant slice comes back bit-exact, -0 included. */
-        COUNT(memcmp(x, y, n * es) == 0);
+        T(memcmp(x, y, n * es) == 0);
     }
 
     /* dequant_reduce == dequant + reduce, for every op, out separate and
@@ -256,10 +233,10 @@ test_slice(pccl_dtype dt, size_t n, enum kind k)
         pccl__reduce(want, y, local, n, dt, all_ops[o]);
         memset(got, 0x77, bytes);
         pccl__dequant_reduce(got, q, local, n, qmin, qscale, dt, all_ops[o]);
-        COUNT(memcmp(got, want, n * es) == 0);
-        COUNT(((unsigned char *)got)[n * es] == 0x77);
+        T(memcmp(got, want, n * es) == 0);
+        T(((unsigned char *)got)[n * es] == 0x77);
         pccl__dequant_reduce(local, q, local, n, qmin, qscale, dt, all_ops[o]);
-        COUNT(memcmp(local, want, n * es) == 0);
+        T(memcmp(local, want, n * es) == 0);
     }
 
     /* Quantizing the dequantized slice again: measured, not asserted (it
@@ -300,13 +277,13 @@ test_rounding(void)
             put(x, i, dt, xs[i]);
         }
         pccl__quant_minmax(x, n, dt, q, &qmin, &qscale);
-        COUNT(qmin == 0.0 && qscale == 1.0);
+        T(qmin == 0.0 && qscale == 1.0);
         for (i = 0; i < n; i++) {
-            COUNT(q[i] == want[i]);
+            T(q[i] == want[i]);
         }
         pccl__dequant(q, n, qmin, qscale, dt, y);
         for (i = 0; i < n; i++) {
-            COUNT(get(y, i, dt) == (double)want[i]);
+            T(get(y, i, dt) == (double)want[i]);
         }
         free(x);
         free(y);
@@ -333,7 +310,7 @@ test_wild_metadata(void)
             memset(b, 0xff, 4 * 8);
             pccl__dequant(q, 4, metas[m][0], metas[m][1], fdtypes[d], a);
             pccl__dequant(q, 4, metas[m][0], metas[m][1], fdtypes[d], b);
-            COUNT(memcmp(a, b, 4 * esize(fdtypes[d])) == 0);
+            T(memcmp(a, b, 4 * esize(fdtypes[d])) == 0);
             free(a);
             free(b);
         }
@@ -342,7 +319,7 @@ test_wild_metadata(void)
         /* scale that underflows float: every element is min */
         uint16_t h[4];
         pccl__dequant(q, 4, -1e300, 1e-300, PCCL_FLOAT16, h);
-        COUNT(h[0] == 0xfc00 && h[3] == 0xfc00);
+        T(h[0] == 0xfc00 && h[3] == 0xfc00);
     }
 }
 

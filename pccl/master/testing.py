@@ -1,140 +1,19 @@
 """Test helpers: ``pccl-master`` as a subprocess and a minimal blocking client.
 
 Used by the master's own tests and by multi-process tests that need a real
-master.  Every wait is bounded; :class:`MasterProcess` kills its process on
-exit whatever happened.
+master.  Every wait is bounded; :class:`MasterProcess` (the one of
+:mod:`pccl.testing.procs`) kills its process on exit whatever happened.
 """
 
 from __future__ import annotations
 
-import os
-import re
-import signal
 import socket
-import subprocess
-import sys
-import threading
-import time
 from collections.abc import Sequence
 
+from ..testing.procs import MasterProcess
 from . import protocol
 
-LISTENING = re.compile(r"^pccl-master listening on (\S+)$")
-STATUS = re.compile(r"^pccl-master status on (\S+)$")
-
-
-class _Lines:
-    """Lines of a pipe, collected by a thread, waited for with a deadline."""
-
-    def __init__(self, pipe):
-        self.lines: list[str] = []
-        self.closed = False
-        self._cond = threading.Condition()
-        self._thread = threading.Thread(target=self._pump, args=(pipe,), daemon=True)
-        self._thread.start()
-
-    def _pump(self, pipe) -> None:
-        try:
-            for line in pipe:
-                with self._cond:
-                    self.lines.append(line.rstrip("\n"))
-                    self._cond.notify_all()
-        finally:
-            with self._cond:
-                self.closed = True
-                self._cond.notify_all()
-
-    def wait_for(self, pattern: str | re.Pattern, timeout: float, start: int = 0) -> re.Match:
-        """The first line at index >= start matching pattern (re.search)."""
-        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                for line in self.lines[start:]:
-                    match = regex.search(line)
-                    if match:
-                        return match
-                start = len(self.lines)
-                remaining = deadline - time.monotonic()
-                if self.closed or remaining <= 0:
-                    raise TimeoutError(
-                        f"no line matching {regex.pattern!r} within {timeout:g} s; "
-                        f"last lines: {self.lines[-5:]}"
-                    )
-                self._cond.wait(remaining)
-
-    def join(self, timeout: float) -> None:
-        self._thread.join(timeout)
-
-
-class MasterProcess:
-    """``python -m pccl.master ARGS`` in ``cwd``; a context manager.
-
-    ``cwd`` should not be the repository root, whose ``pccl/`` source tree
-    would shadow the installed package.
-    """
-
-    def __init__(self, args: Sequence[str] = (), *, cwd: str, start_timeout: float = 30.0):
-        self.args = ["--listen", "127.0.0.1:0", *args] if "--listen" not in args else list(args)
-        self.cwd = cwd
-        self.start_timeout = start_timeout
-        self.proc: subprocess.Popen | None = None
-        self.address: str = ""
-        self.status_address: str | None = None
-
-    def start(self) -> MasterProcess:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pccl.master", *self.args],
-            cwd=self.cwd,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"),
-        )
-        self.stdout = _Lines(self.proc.stdout)
-        self.stderr = _Lines(self.proc.stderr)
-        try:
-            self.address = self.stdout.wait_for(LISTENING, self.start_timeout).group(1)
-            if "--status" in self.args:
-                self.status_address = self.stdout.wait_for(STATUS, self.start_timeout).group(1)
-        except BaseException:
-            self.kill()
-            raise
-        return self
-
-    def log_mark(self) -> int:
-        """The current end of the log, to wait only for lines after it."""
-        return len(self.stderr.lines)
-
-    def wait_for_log(self, pattern: str, timeout: float = 10.0, start: int = 0) -> str:
-        return self.stderr.wait_for(pattern, timeout, start).string
-
-    def signal(self, sig: int = signal.SIGTERM) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    def wait(self, timeout: float) -> int:
-        assert self.proc is not None
-        return self.proc.wait(timeout)
-
-    def kill(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.kill()
-        try:
-            self.proc.wait(10)
-        finally:
-            for lines in (getattr(self, "stdout", None), getattr(self, "stderr", None)):
-                if lines is not None:
-                    lines.join(5)
-
-    def __enter__(self) -> MasterProcess:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.kill()
+__all__ = ["MasterProcess", "PeerClient"]
 
 
 class PeerClient:

@@ -13,108 +13,47 @@ the ``with`` block) kills whatever is still running.
 
 from __future__ import annotations
 
-import json
-import os
-import queue
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-_EOF = object()
+from .procs import ChildError, JsonChild, child_env
+
+WorkerError = ChildError
 
 
-class WorkerError(RuntimeError):
-    """A worker died, timed out or answered with an error."""
-
-
-class WorkerProcess:
+class WorkerProcess(JsonChild):
     """One ring_worker child: JSON lines in on stdin, out on stdout."""
+
+    split = False  # events and replies in one queue, in order
 
     def __init__(self, rank: int, args: Sequence[str], workdir: str):
         self.rank = rank
-        self.stderr_path = os.path.join(workdir, f"rank{rank}.stderr")
-        self._stderr = open(self.stderr_path, "wb")
-        env = dict(os.environ)
-        env.pop("PYTHONPATH", None)  # the installed package, not a checkout
         # Many workers share few cores: torch's OpenMP threads would spin
         # between ops and starve the ring's I/O threads.
-        env.setdefault("OMP_NUM_THREADS", "1")
-        self.proc = subprocess.Popen(
+        super().__init__(
             [sys.executable, "-m", "pccl.testing.ring_worker", *args],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._stderr,
-            cwd=workdir,
-            env=env,
-            text=True,
-            bufsize=1,
+            workdir,
+            f"rank{rank}",
+            env=child_env(OMP_NUM_THREADS="1"),
         )
-        self.pid = self.proc.pid
-        self._messages: queue.Queue = queue.Queue()
-        self._reader = threading.Thread(target=self._read, name=f"rank{rank}-reader", daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            try:
-                self._messages.put(json.loads(line))
-            except ValueError:
-                self._messages.put({"event": "garbage", "line": line})
-        self._messages.put(_EOF)
 
     def send(self, msg: dict) -> None:
-        assert self.proc.stdin is not None
-        try:
-            self.proc.stdin.write(json.dumps(msg) + "\n")
-            self.proc.stdin.flush()
-        except (OSError, ValueError) as e:  # a dead worker, or a closed pipe
-            raise WorkerError(
-                f"rank {self.rank}: cannot send {msg.get('cmd')}: {e}\n" + self.stderr_tail()
-            ) from None
+        self.write_line(msg, str(msg.get("cmd")))
 
     def recv(self, timeout: float, what: str = "a reply") -> dict:
         """The next message; raises WorkerError on timeout, exit or error."""
-        try:
-            msg = self._messages.get(timeout=timeout)
-        except queue.Empty:
-            raise WorkerError(
-                f"rank {self.rank}: no {what} within {timeout} s\n" + self.stderr_tail()
-            ) from None
-        if msg is _EOF:
-            self._messages.put(_EOF)  # later calls fail fast too
-            try:
-                code = self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                code = None
-            raise WorkerError(
-                f"rank {self.rank}: exited (code {code}) before {what}\n" + self.stderr_tail()
-            )
+        msg = self._get(self.replies, timeout, what)
         if msg.get("event") == "error":
             raise WorkerError(
-                f"rank {self.rank}: {msg['type']}: {msg['message']}\n{msg.get('traceback', '')}"
+                f"{self.label}: {msg['type']}: {msg['message']}\n{msg.get('traceback', '')}"
             )
         return msg
-
-    def signal(self, sig: int) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.pid, sig)
-
-    def stderr_tail(self, limit: int = 4000) -> str:
-        try:
-            self._stderr.flush()
-            with open(self.stderr_path, "rb") as f:
-                data = f.read()
-        except OSError:
-            return ""
-        text = data[-limit:].decode(errors="replace")
-        return f"--- rank {self.rank} stderr ---\n{text}" if text else ""
 
     def request_exit(self) -> None:
         """Ask the worker to exit (it does once its current command ends)."""
@@ -134,19 +73,8 @@ class WorkerProcess:
         try:
             self.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            self.proc.kill()  # also ends a SIGSTOPped process
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:  # pragma: no cover - a kernel problem
-                pass
-        for stream in (self.proc.stdin, self.proc.stdout):
-            try:
-                if stream is not None:
-                    stream.close()
-            except OSError:
-                pass
-        self._reader.join(timeout=5)
-        self._stderr.close()
+            pass
+        self.kill()
 
 
 class RingCluster:
@@ -157,30 +85,14 @@ class RingCluster:
     more than most tests.  Workers beyond the current world sit idle.
     """
 
-    def __init__(
-        self,
-        world: int,
-        connections: int = 4,
-        slice_bytes: int | None = None,
-        secret: str | None = None,
-        progress_timeout: float | None = None,
-        start_timeout: float = 60.0,
-        connect_timeout: float = 30.0,
-    ):
+    def __init__(self, world: int, **ring: Any):
+        """``ring``: the other arguments of :meth:`reconfigure`."""
         self.world = 0
         self.workdir = tempfile.mkdtemp(prefix="pccl-ring-")
         self.workers: list[WorkerProcess] = []
         self.addresses: list[str] = []
         try:
-            self.reconfigure(
-                world,
-                connections,
-                slice_bytes,
-                secret,
-                progress_timeout,
-                start_timeout=start_timeout,
-                connect_timeout=connect_timeout,
-            )
+            self.reconfigure(world, **ring)
         except BaseException:
             self.close()
             raise

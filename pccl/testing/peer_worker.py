@@ -11,9 +11,9 @@ instance SIGKILL a peer while a collective is in flight) without sleeping.
 Times are ``time.monotonic()``: CLOCK_MONOTONIC is one clock for every
 process on the machine, so a driver can subtract its own readings.
 
-The driver side is here too: :class:`PeerProcess` (one worker) and
-:class:`MasterProcess` (a real ``pccl-master``), both with bounded waits
-and a ``kill()`` that always reaps.
+The driver side is here too: :class:`PeerProcess` (one worker), with
+:class:`~pccl.testing.procs.MasterProcess` (a real ``pccl-master``)
+re-exported; both have bounded waits and a ``kill()`` that always reaps.
 """
 
 from __future__ import annotations
@@ -23,18 +23,32 @@ import hashlib
 import json
 import logging
 import os
-import queue
-import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 import traceback
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+from .procs import ChildError, JsonChild, MasterProcess
+
+__all__ = [
+    "DriverError",
+    "MasterProcess",
+    "PeerProcess",
+    "PeerRun",
+    "admit",
+    "digest",
+    "gather",
+    "join_all",
+    "make_input",
+    "request_all",
+    "send_all",
+    "serve",
+]
 
 # --------------------------------------------------------------------------
 # Inputs and hashes, shared by the workers and the tests.
@@ -242,12 +256,17 @@ def _error_reply(exc: BaseException) -> dict:
     }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def serve(
+    worker_class: type[_Worker], argv: Sequence[str] | None, doc: str, connections: int = 2
+) -> int:
+    """Parse the worker's flags, then answer one JSON command a line on
+    stdin until ``exit`` or EOF (``readline``, not iteration: a state
+    worker's fetch hook reads stdin too)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--master", required=True, help="HOST:PORT of pccl-master")
     parser.add_argument("--index", type=int, required=True, help="this peer's input index")
     parser.add_argument("--group", type=int, default=0, help="peer group")
-    parser.add_argument("--connections", type=int, default=2, help="p2p connections")
+    parser.add_argument("--connections", type=int, default=connections, help="p2p connections")
     parser.add_argument("--secret", default=None)
     parser.add_argument("--progress-timeout", type=float, default=60.0)
     args = parser.parse_args(argv)
@@ -256,9 +275,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
         format=f"%(asctime)s peer{args.index} %(name)s %(levelname)s %(message)s",
     )
-    worker = _Worker(args)
+    worker = worker_class(args)
     worker.emit({"event": "hello", "pid": os.getpid(), "index": args.index})
-    for line in sys.stdin:
+    while True:
+        line = sys.stdin.readline()
+        if not line:
+            break
         if not line.strip():
             continue
         cmd = json.loads(line)
@@ -276,137 +298,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    return serve(_Worker, argv, __doc__)
+
+
 # --------------------------------------------------------------------------
-# The driver side.
+# The driver side (the master: :class:`pccl.testing.procs.MasterProcess`).
 
-_EOF = object()
-
-
-class DriverError(RuntimeError):
-    """A child died or did not answer in time."""
+DriverError = ChildError
 
 
-class _Child:
-    """A child process whose stdout lines are read by a thread into queues."""
-
-    name = "child"
-
-    def __init__(self, argv: Sequence[str], workdir: str, label: str, stdin: bool):
-        self.label = label
-        self.stderr_path = os.path.join(workdir, f"{label}.stderr")
-        self._stderr = open(self.stderr_path, "wb")
-        env = dict(os.environ)
-        env.pop("PYTHONPATH", None)  # the installed package, never a checkout
-        self.proc = subprocess.Popen(
-            list(argv),
-            cwd=workdir,
-            env=env,
-            text=True,
-            bufsize=1,
-            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=self._stderr,
-        )
-        self.pid = self.proc.pid
-        self.replies: queue.Queue = queue.Queue()
-        self.events: queue.Queue = queue.Queue()
-        self._reader = threading.Thread(target=self._read, daemon=True, name=f"{label}-reader")
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._on_line(line)
-        self.replies.put(_EOF)
-        self.events.put(_EOF)
-
-    def _on_line(self, line: str) -> None:
-        self.events.put(line)
-
-    def _get(self, q: queue.Queue, timeout: float, what: str):
-        try:
-            item = q.get(timeout=timeout)
-        except queue.Empty:
-            raise DriverError(
-                f"{self.label}: no {what} within {timeout:g} s\n" + self.stderr_tail()
-            ) from None
-        if item is _EOF:
-            q.put(_EOF)
-            raise DriverError(
-                f"{self.label}: exited (code {self.proc.poll()}) before {what}\n"
-                + self.stderr_tail()
-            )
-        return item
-
-    def signal(self, sig: int) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.pid, sig)
-
-    def stderr_tail(self, limit: int = 6000) -> str:
-        try:
-            self._stderr.flush()
-            with open(self.stderr_path, "rb") as f:
-                text = f.read()[-limit:].decode(errors="replace")
-        except OSError:
-            return ""
-        return f"--- {self.label} stderr ---\n{text}" if text else ""
-
-    def kill(self) -> None:
-        """SIGKILL (also ends a stopped process), reap, close pipes."""
-        if self.proc.poll() is None:
-            try:
-                self.proc.kill()
-            except OSError:
-                pass
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:  # pragma: no cover - a kernel problem
-            pass
-        for stream in (self.proc.stdin, self.proc.stdout):
-            try:
-                if stream is not None:
-                    stream.close()
-            except OSError:
-                pass
-        self._reader.join(timeout=5)
-        self._stderr.close()
-
-
-class MasterProcess(_Child):
-    """``python -m pccl.master --listen 127.0.0.1:0 ...``; ``address`` is
-    what its first stdout line says it bound."""
-
-    def __init__(
-        self,
-        workdir: str,
-        *,
-        heartbeat_timeout: float | None = None,
-        heartbeat_interval: float | None = None,
-        vote_timeout: float | None = None,
-        extra: Sequence[str] = (),
-        start_timeout: float = 30.0,
-    ):
-        argv = [sys.executable, "-m", "pccl.master", "--listen", "127.0.0.1:0"]
-        if heartbeat_timeout is not None:
-            argv += ["--heartbeat-timeout", str(heartbeat_timeout)]
-        if heartbeat_interval is not None:
-            argv += ["--heartbeat-interval", str(heartbeat_interval)]
-        if vote_timeout is not None:
-            argv += ["--vote-timeout", str(vote_timeout)]
-        super().__init__([*argv, *extra], workdir, "master", stdin=False)
-        try:
-            line = self._get(self.events, start_timeout, "listening line")
-            match = re.match(r"pccl-master listening on (\S+)", line)
-            if not match:
-                raise DriverError(f"master said {line!r}\n" + self.stderr_tail())
-            self.address: str = match.group(1)
-        except BaseException:
-            self.kill()
-            raise
-
-
-class PeerProcess(_Child):
-    """One ``peer_worker``; :meth:`request` sends a command and returns its reply."""
+class PeerProcess(JsonChild):
+    """One worker (``module``, by default this one); :meth:`request` sends
+    a command and returns its reply."""
 
     def __init__(
         self,
@@ -419,11 +323,12 @@ class PeerProcess(_Child):
         secret: str | None = None,
         progress_timeout: float | None = None,
         start_timeout: float = 60.0,
+        module: str = "pccl.testing.peer_worker",
     ):
         argv = [
             sys.executable,
             "-m",
-            "pccl.testing.peer_worker",
+            module,
             "--master",
             master,
             "--index",
@@ -437,30 +342,14 @@ class PeerProcess(_Child):
             argv += ["--secret", secret]
         if progress_timeout is not None:
             argv += ["--progress-timeout", str(progress_timeout)]
-        super().__init__(argv, workdir, f"peer{index}", stdin=True)
+        super().__init__(argv, workdir, f"peer{index}")
         self.index = index
         self._ids = iter(range(1, 1 << 62))
-        try:
-            self.wait_event("hello", start_timeout)
-        except BaseException:
-            self.kill()
-            raise
-
-    def _on_line(self, line: str) -> None:
-        try:
-            msg = json.loads(line)
-        except ValueError:
-            msg = {"event": "garbage", "line": line}
-        (self.events if "event" in msg else self.replies).put(msg)
+        self.started(self.wait_event, "hello", start_timeout)
 
     def send(self, cmd: str, **fields: Any) -> int:
         cmd_id = next(self._ids)
-        assert self.proc.stdin is not None
-        try:
-            self.proc.stdin.write(json.dumps({"cmd": cmd, "id": cmd_id, **fields}) + "\n")
-            self.proc.stdin.flush()
-        except OSError as exc:
-            raise DriverError(f"{self.label}: cannot send {cmd}: {exc}") from None
+        self.write_line({"cmd": cmd, "id": cmd_id, **fields}, cmd)
         return cmd_id
 
     def reply(self, timeout: float, what: str = "a reply") -> dict:
@@ -475,15 +364,6 @@ class PeerProcess(_Child):
                 f"{msg.get('traceback', '')}"
             )
         return msg
-
-    def wait_event(self, name: str, timeout: float, **match: Any) -> dict:
-        """The next ``name`` event whose fields equal ``match`` (earlier
-        events, e.g. of previous commands, are skipped)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            msg = self._get(self.events, max(0.0, deadline - time.monotonic()), f"{name} event")
-            if msg.get("event") == name and all(msg.get(k) == v for k, v in match.items()):
-                return msg
 
     def stop(self, timeout: float = 5.0) -> None:
         """Ask the worker to exit (closing its communicator), then kill."""
@@ -524,6 +404,55 @@ def request_all(
     """Send ``cmd`` to every peer at once, then gather the replies."""
     send_all(peers, cmd, **fields)
     return gather(peers, timeout, check, f"reply to {cmd}")
+
+
+def join_all(peers: Sequence[PeerProcess], timeout: float = 60.0) -> list[dict]:
+    """Connect every peer, then vote until all are admitted; returns the
+    ``sync_world`` replies."""
+    send_all(peers, "connect", timeout=timeout)
+    send_all(peers, "sync_world", n=len(peers), timeout=timeout)
+    gather(peers, timeout + 10, what="connect")
+    return gather(peers, timeout + 10, what="sync_world")
+
+
+def admit(peers: Sequence[PeerProcess], joiner: PeerProcess, what: str = "connect") -> dict:
+    """Connect ``joiner``, wait until ``peers`` see it pending, admit it
+    with their vote; returns the joiner's reply to ``connect``."""
+    joiner.send("connect", timeout=60)
+    peers[0].request("wait_pending", timeout=30)
+    request_all(peers, "update_topology")
+    return joiner.reply(30, what)
+
+
+class PeerRun:
+    """A master and the peers (``peer_class``) of one test or benchmark in
+    ``workdir``; :meth:`close` (also at the end of a ``with`` block) kills
+    every one of them."""
+
+    def __init__(
+        self, workdir: str, peer_class: type[PeerProcess] = PeerProcess, **master: Any
+    ) -> None:
+        self.workdir = workdir
+        self.peer_class = peer_class
+        self.master = MasterProcess(workdir, **master)
+        self.peers: list[Any] = []
+
+    def peer(self, index: int, **kwargs: Any) -> Any:
+        p = self.peer_class(self.workdir, self.master.address, index, **kwargs)
+        self.peers.append(p)
+        return p
+
+    def close(self) -> None:
+        for p in self.peers:
+            p.signal(signal.SIGCONT)  # harmless unless a test stopped it
+            p.kill()
+        self.master.kill()
+
+    def __enter__(self) -> PeerRun:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 if __name__ == "__main__":

@@ -368,16 +368,14 @@ class Worker:
             h.wait(msg.get("timeout", 10.0))
         except PcclError as e:
             t = time.monotonic()
-            return {
-                "event": "outcome",
-                "ok": False,
-                "t": t,
-                "type": type(e).__name__,
-                "connection_error": isinstance(e, ConnectionError),
-                "timeout_error": isinstance(e, TimeoutError),
-                "message": str(e),
-                "input_unchanged": ref.tensor_hash(self.x) == self.x_hash,
-            }
+            return _failed(
+                "outcome",
+                e,
+                t=t,
+                connection_error=isinstance(e, ConnectionError),
+                timeout_error=isinstance(e, TimeoutError),
+                input_unchanged=ref.tensor_hash(self.x) == self.x_hash,
+            )
         return {"event": "outcome", "ok": True, "t": time.monotonic()}
 
     def cmd_reduce_again(self, msg: dict) -> dict:
@@ -393,13 +391,7 @@ class Worker:
         try:
             self.ring.all_reduce(x, timeout=msg.get("timeout", 5.0))
         except PcclError as e:
-            return {
-                "event": "tried",
-                "ok": False,
-                "type": type(e).__name__,
-                "message": str(e),
-                "connection_error": isinstance(e, ConnectionError),
-            }
+            return _failed("tried", e, connection_error=isinstance(e, ConnectionError))
         return {"event": "tried", "ok": True}
 
     def cmd_mismatch(self, msg: dict) -> dict:
@@ -410,14 +402,13 @@ class Worker:
         try:
             self.ring.all_reduce(x, timeout=msg.get("timeout", 10.0))
         except PcclError as e:
-            return {
-                "event": "outcome",
-                "ok": False,
-                "type": type(e).__name__,
-                "message": str(e),
-                "seconds": time.monotonic() - t0,
-            }
+            return _failed("outcome", e, seconds=time.monotonic() - t0)
         return {"event": "outcome", "ok": True, "seconds": time.monotonic() - t0}
+
+
+def _failed(event: str, e: Exception, **fields: Any) -> dict:
+    """The reply ``event`` for an operation that raised ``e``."""
+    return {"event": event, "ok": False, "type": type(e).__name__, "message": str(e), **fields}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,11 +21,7 @@ membership commands it inherits: ``connect``, ``sync_world``,
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import json
-import logging
-import os
 import signal
 import sys
 import threading
@@ -35,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from .peer_worker import PeerProcess, _Child, _error_reply, _Worker
+from .peer_worker import PeerProcess, _Worker, serve
 
 KINDS = {
     "float32": np.float32,
@@ -167,40 +163,7 @@ class _StateWorker(_Worker):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--master", required=True)
-    parser.add_argument("--index", type=int, required=True)
-    parser.add_argument("--group", type=int, default=0)
-    parser.add_argument("--connections", type=int, default=1)
-    parser.add_argument("--secret", default=None)
-    parser.add_argument("--progress-timeout", type=float, default=60.0)
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO,
-        stream=sys.stderr,
-        format=f"%(asctime)s peer{args.index} %(name)s %(levelname)s %(message)s",
-    )
-    worker = _StateWorker(args)
-    worker.emit({"event": "hello", "pid": os.getpid(), "index": args.index})
-    while True:
-        line = sys.stdin.readline()
-        if not line:
-            break
-        if not line.strip():
-            continue
-        cmd = json.loads(line)
-        name = cmd.pop("cmd")
-        cmd_id = cmd.pop("id", None)
-        if name == "exit":
-            break
-        try:
-            reply = {"ok": True, **getattr(worker, f"cmd_{name}")(**cmd)}
-        except Exception as exc:  # reported to the driver, which decides
-            reply = _error_reply(exc)
-        reply["id"] = cmd_id
-        worker.emit(reply)
-    worker.comm.close()
-    return 0
+    return serve(_StateWorker, argv, __doc__, connections=1)
 
 
 class StatePeer(PeerProcess):
@@ -216,25 +179,15 @@ class StatePeer(PeerProcess):
         secret: str | None = None,
         start_timeout: float = 60.0,
     ):
-        argv = [
-            sys.executable,
-            "-m",
-            "pccl.testing.state_worker",
-            "--master",
+        super().__init__(
+            workdir,
             master,
-            "--index",
-            str(index),
-        ]
-        if secret is not None:
-            argv += ["--secret", secret]
-        _Child.__init__(self, argv, workdir, f"peer{index}", stdin=True)
-        self.index = index
-        self._ids = iter(range(1, 1 << 62))
-        try:
-            self.wait_event("hello", start_timeout)
-        except BaseException:
-            self.kill()
-            raise
+            index,
+            connections=1,
+            secret=secret,
+            start_timeout=start_timeout,
+            module="pccl.testing.state_worker",
+        )
 
 
 if __name__ == "__main__":
