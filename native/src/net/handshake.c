@@ -100,6 +100,12 @@ pccl__hs_hmac_sha256(const uint8_t *key, size_t key_len, const uint8_t *msg, siz
     return PCCL_OK;
 }
 
+void
+pccl__hs_thread_done(void)
+{
+    OPENSSL_thread_stop();
+}
+
 pccl_result
 pccl__hs_random_nonce(uint8_t *out)
 {

@@ -64,6 +64,11 @@ typedef struct pccl__hs_client_hello {
  * (OpenSSL RAND_bytes); PCCL_ESYSERR-style error if the RNG fails. */
 pccl_result pccl__hs_random_nonce(uint8_t *out);
 
+/* pccl__hs_thread_done frees this thread's OpenSSL state (nonce RNG,
+ * HMAC contexts).  A detached thread that ran handshakes calls it before
+ * it reports itself finished, so nothing of it outlives the owner's stop. */
+void pccl__hs_thread_done(void);
+
 /* SERVER_HELLO */
 void pccl__hs_server_hello_encode(const uint8_t *nonce_s, int auth_required, uint8_t *out);
 /* PCCL_EPROTO on short buffer, bad magic/version, unknown flag bits. */

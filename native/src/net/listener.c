@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "net/handshake.h"
 #include "net/listener.h"
 
 pccl_result
@@ -89,6 +90,7 @@ worker_main(void *arg)
 
     serve_one(l, w->fd);
     free(w);
+    pccl__hs_thread_done();
     pccl__mutex_lock(&l->mtx);
     l->nworkers--;
     pccl__cond_broadcast(&l->cv);
