@@ -1,25 +1,30 @@
 """DiLoCo convergence: 4 peers with DiLoCo (and async DiLoCo) against one
 process training on 4x the batch, after the same number of tokens per peer.
 
-Every contender trains the character-level transformer of
-``examples/_charlm.py`` (same initialisation, inner AdamW) for the same
-number of inner steps T:
+Every contender trains the tiny character-level transformer of
+``examples/_charlm.py`` (same initialisation, inner AdamW with a linear
+warm-up and a cosine decay) for the same number of inner steps T:
 
 * **diloco** - 4 peers (``examples/diloco_train.py`` processes, a real
   master in this process), batch B each, an outer Nesterov step every H
   inner steps;
 * **async** - the same with ``AsyncDiLoCo`` (one-step-delayed outer updates);
-* **baseline** - one process, batch 4B, plain AdamW (``--no-diloco``).
+* **baseline** - one process, batch 4B, plain AdamW (``--no-diloco``), at
+  each of ``--baseline-lrs``; the best one is the baseline (tuned a little);
+* **single** - one process at batch B, for reference.
 
 So each DiLoCo peer sees T*B sequences and the baseline 4*T*B: the total
-is the same.  The final validation loss (the same fixed validation windows
-for all) is compared: issue 6 asks for diloco within 5 % of the baseline
-and async within 10 %.  Losses do not depend on timing, so all contenders
-run at once.  Results: ``benchmarks/out/diloco_convergence.json`` and
-``.png``.  Run as a file from the repository root::
+is the same.  The final validation loss (the same 32 fixed validation
+windows for all) is compared: issue 6 asks for diloco within 5 % of the
+baseline and async within 10 %; the table prints each ratio and pass/FAIL
+(exit status 2 on a FAIL).  Losses do not depend on timing, so all
+contenders run at once.  docs/diloco.md (Convergence) has the measured
+numbers and how the defaults were chosen.  Results:
+``benchmarks/out/diloco_convergence.json`` and ``.png``.  Run as a file
+from the repository root::
 
-    .venv/bin/python benchmarks/diloco_convergence.py --quick   # about 2 minutes
-    .venv/bin/python benchmarks/diloco_convergence.py           # about 15-20 minutes on 2 cores
+    .venv/bin/python benchmarks/diloco_convergence.py --quick   # T = 300: ~1.5 min idle
+    .venv/bin/python benchmarks/diloco_convergence.py           # T = 3000: ~8 min idle (est.)
 """
 
 from __future__ import annotations
@@ -37,38 +42,51 @@ import pccl
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = ROOT / "examples" / "diloco_train.py"
 OUT_DIR = Path(__file__).resolve().parent / "out"
+# Defaults chosen by the sweep in docs/diloco.md (Convergence).
+OUTER_STEPS = 60
+OUTER_LR = 1.0
+OUTER_MOMENTUM = 0.5
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="tiny model, short run (a smoke test, not the measurement)")
+                   help="short run (a smoke test, not the measurement)")
     p.add_argument("--peers", type=int, default=4)
-    p.add_argument("--sync-every", type=int, help="H (default 50; quick: 25)")
-    p.add_argument("--outer-steps", type=int, help="T/H (default 20; quick: 6)")
-    p.add_argument("--batch-size", type=int, help="B per DiLoCo peer (default 16; quick: 8)")
-    p.add_argument("--model", choices=["tiny", "small"], help="default small; quick: tiny")
-    p.add_argument("--lr", type=float, default=3e-3, help="inner AdamW learning rate (all)")
+    p.add_argument("--sync-every", type=int, default=50, help="H")
+    p.add_argument("--outer-steps", type=int, help=f"T/H (default {OUTER_STEPS}; quick: 6)")
+    p.add_argument("--batch-size", type=int, default=16, help="B per DiLoCo peer")
+    p.add_argument("--model", choices=["tiny", "small"], default="tiny")
+    p.add_argument("--lr", type=float, default=3e-3,
+                   help="inner AdamW peak learning rate of the DiLoCo peers")
+    p.add_argument("--baseline-lrs", default="3e-3,6e-3",
+                   help="peak learning rates tried for the baseline (the best one counts)")
+    p.add_argument("--schedule", choices=["cosine", "constant"], default="cosine",
+                   help="inner schedule of every contender (after --warmup steps)")
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--outer-lr", type=float, default=OUTER_LR)
+    p.add_argument("--outer-momentum", type=float, default=OUTER_MOMENTUM)
     p.add_argument("--quantize", choices=["none", "uint8"], default="none")
     p.add_argument("--skip-async", action="store_true")
+    p.add_argument("--skip-single", action="store_true",
+                   help="skip the reference of one process at batch B")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=OUT_DIR)
     a = p.parse_args()
-    quick = a.quick
-    a.sync_every = a.sync_every or (25 if quick else 50)
-    a.outer_steps = a.outer_steps or (6 if quick else 20)
-    a.batch_size = a.batch_size or (8 if quick else 16)
-    a.model = a.model or ("tiny" if quick else "small")
-    a.chars = 1_000_000 if quick else 3_000_000
+    a.outer_steps = a.outer_steps or (6 if a.quick else OUTER_STEPS)
+    a.chars = 1_000_000
+    a.baseline_lrs = [float(x) for x in a.baseline_lrs.split(",") if x]
+    if a.quick:
+        a.baseline_lrs = a.baseline_lrs[:1]
     return a
 
 
 def common_args(a: argparse.Namespace, out_dir: Path) -> list[str]:
     return ["--sync-every", str(a.sync_every), "--outer-steps", str(a.outer_steps),
-            "--model", a.model, "--lr", str(a.lr), "--seed", str(a.seed),
-            "--chars", str(a.chars), "--eval-batches", "8", "--no-progress",
-            "--out-dir", str(out_dir)]
+            "--model", a.model, "--seed", str(a.seed), "--schedule", a.schedule,
+            "--warmup", str(a.warmup), "--chars", str(a.chars), "--eval-batches", "8",
+            "--no-progress", "--out-dir", str(out_dir)]
 
 
 def start(argv: list[str], log: Path) -> subprocess.Popen:
@@ -86,30 +104,47 @@ def load(out_dir: Path, name: str) -> dict:
         return json.load(f)
 
 
+def loadavg() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def main() -> int:
     a = parse_args()
-    work = a.out / "diloco_convergence"
+    work = a.out / ("diloco_convergence" + ("_quick" if a.quick else ""))
     work.mkdir(parents=True, exist_ok=True)
     variants = ["diloco"] + ([] if a.skip_async else ["async"])
+    steps = a.outer_steps * a.sync_every
     print(f"model {a.model}, {a.peers} peers x batch {a.batch_size} vs 1 x batch "
-          f"{a.peers * a.batch_size}; T = {a.outer_steps * a.sync_every} inner steps, "
-          f"H = {a.sync_every}, quantization {a.quantize}", flush=True)
+          f"{a.peers * a.batch_size}; T = {steps} inner steps, H = {a.sync_every}, "
+          f"{a.schedule} schedule; outer lr {a.outer_lr}, momentum {a.outer_momentum} "
+          f"(Nesterov); load {loadavg()}", flush=True)
     t0 = time.monotonic()
     procs: dict[str, subprocess.Popen] = {}
     masters = []
+    # The plain contenders: the baseline at each learning rate tried, and
+    # (for reference) one process at the DiLoCo peers' own batch.
+    plain = {f"baseline-lr{lr:g}": (a.peers * a.batch_size, lr) for lr in a.baseline_lrs}
+    if not a.skip_single:
+        plain["single"] = (a.batch_size, a.lr)
     try:
-        procs["baseline"] = start(
-            [*common_args(a, work / "baseline"), "--no-diloco", "--name", "baseline",
-             "--batch-size", str(a.peers * a.batch_size)], work / "baseline.log")
+        for name, (batch, lr) in plain.items():
+            procs[name] = start(
+                [*common_args(a, work / name), "--no-diloco", "--name", name,
+                 "--data-shard", "0", "--batch-size", str(batch), "--lr", str(lr)],
+                work / f"{name}.log")
         for variant in variants:
-            master = pccl.MasterNode(listen="127.0.0.1:0", vote_timeout=600.0)
+            # Generous timeouts: on a loaded shared machine a peer (or this
+            # process) can be starved for seconds; nothing is killed here.
+            master = pccl.MasterNode(listen="127.0.0.1:0", heartbeat_timeout=30.0,
+                                     vote_timeout=600.0)
             master.start()
             masters.append(master)
             for i in range(a.peers):
                 argv = [*common_args(a, work / variant), "--master", master.address,
                         "--world", str(a.peers), "--data-shard", str(i),
                         "--name", f"peer{i}", "--batch-size", str(a.batch_size),
-                        "--quantize", a.quantize]
+                        "--lr", str(a.lr), "--outer-lr", str(a.outer_lr),
+                        "--outer-momentum", str(a.outer_momentum), "--quantize", a.quantize]
                 if variant == "async":
                     argv.append("--async")
                 procs[f"{variant}/peer{i}"] = start(argv, work / f"{variant}-peer{i}.log")
@@ -130,11 +165,15 @@ def main() -> int:
             master.stop()
     elapsed = time.monotonic() - t0
 
-    baseline = load(work / "baseline", "baseline")
-    results = {"baseline": {"final_val_loss": baseline["final_val_loss"],
-                            "history": baseline["history"]}}
-    print(f"\n{'contender':<10} {'val loss':>9} {'ratio':>7} {'target':>7}  peers agree")
-    print(f"{'baseline':<10} {baseline['final_val_loss']:>9.4f} {1:>7.3f} {'':>7}")
+    results: dict[str, dict] = {}
+    for name, (batch, lr) in plain.items():
+        r = load(work / name, name)
+        results[name] = {"final_val_loss": r["final_val_loss"], "history": r["history"],
+                         "batch": batch, "lr": lr}
+    best = min((n for n in plain if n.startswith("baseline")),
+               key=lambda n: results[n]["final_val_loss"])
+    base = results[best]["final_val_loss"]
+    results["baseline"] = dict(results[best], tried=a.baseline_lrs)
     ok = True
     for variant, target in (("diloco", 1.05), ("async", 1.10)):
         if variant not in variants:
@@ -142,23 +181,41 @@ def main() -> int:
         peers = [load(work / variant, f"peer{i}") for i in range(a.peers)]
         agree = len({p["final_hash"] for p in peers}) == 1
         val = peers[0]["final_val_loss"]
-        ratio = val / baseline["final_val_loss"]
-        ok &= agree and ratio <= target
-        results[variant] = {"final_val_loss": val, "ratio": ratio, "target": target,
-                            "peers_agree": agree, "history": peers[0]["history"]}
-        print(f"{variant:<10} {val:>9.4f} {ratio:>7.3f} {'<= ' + str(target):>7}  "
-              f"{'yes' if agree else 'NO'}")
-    print(f"({elapsed:.0f} s)")
+        ok &= agree and val / base <= target
+        results[variant] = {"final_val_loss": val, "ratio": val / base, "target": target,
+                            "peers_agree": agree, "history": peers[0]["history"],
+                            "batch": a.batch_size, "lr": a.lr}
+    load_end = loadavg()
+
+    print(f"\nvalidation loss after {steps} inner steps ({steps * a.batch_size} sequences "
+          f"per DiLoCo peer); {elapsed:.0f} s, load {load_end}\n")
+    print(f"{'contender':<24} {'peers x batch':>13} {'peak lr':>8} {'val loss':>9} "
+          f"{'/ baseline':>10} {'target':>7}  result")
+    rows = [(n, 1, results[n]["batch"], results[n]["lr"]) for n in plain]
+    rows += [(v, a.peers, a.batch_size, a.lr) for v in variants]
+    for name, n, batch, lr in rows:
+        r = results[name]
+        ratio = r["final_val_loss"] / base
+        target = r.get("target")
+        verdict = ""
+        if target is not None:
+            verdict = ("pass" if ratio <= target else "FAIL") + \
+                ("" if r["peers_agree"] else ", peers DISAGREE")
+        elif name == best:
+            verdict = "baseline (best lr)"
+        print(f"{name:<24} {f'{n} x {batch}':>13} {lr:>8g} {r['final_val_loss']:>9.4f} "
+              f"{ratio:>10.3f} {f'<= {target}' if target else '':>7}  {verdict}")
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}
     name = "diloco_convergence" + ("_quick" if a.quick else "")
     with open(a.out / f"{name}.json", "w") as f:
-        json.dump({"config": config, "elapsed_s": elapsed, "results": results}, f, indent=1)
-    plot(results, a, a.out / f"{name}.png")
+        json.dump({"config": config, "elapsed_s": elapsed, "load_end": load_end,
+                   "baseline": best, "results": results}, f, indent=1)
+    plot(results, a, best, a.out / f"{name}.png")
     print(f"wrote {a.out / (name + '.json')} and {a.out / (name + '.png')}")
     return 0 if ok else 2
 
 
-def plot(results: dict, a: argparse.Namespace, path: Path) -> None:
+def plot(results: dict, a: argparse.Namespace, best: str, path: Path) -> None:
     try:
         import matplotlib
 
@@ -166,17 +223,27 @@ def plot(results: dict, a: argparse.Namespace, path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    labels = {"baseline": f"1 process, batch {a.peers * a.batch_size}",
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    big = a.peers * a.batch_size
+    labels = {"single": f"1 process, batch {a.batch_size} (reference)",
               "diloco": f"DiLoCo, {a.peers} peers x batch {a.batch_size}, H={a.sync_every}",
               "async": f"async DiLoCo, {a.peers} x {a.batch_size}, H={a.sync_every}"}
+    base = results[best]["final_val_loss"]
     for name, r in results.items():
+        if name == "baseline":
+            continue
+        label = labels.get(name) or f"1 process, batch {big}, lr {r['lr']:g}"
+        if name == best:
+            label += " (baseline)"
         hist = r["history"]
+        style = {"ls": ":"} if name.startswith("baseline") and name != best else {}
         ax.plot([h["inner_steps"] for h in hist], [h["val_loss"] for h in hist],
-                marker="o", ms=3, label=f"{labels[name]}: {r['final_val_loss']:.3f}")
+                marker="o", ms=2, **style,
+                label=f"{label}: {r['final_val_loss']:.3f} ({r['final_val_loss'] / base:.3f}x)")
     ax.set_xlabel("inner steps (same tokens per peer)")
-    ax.set_ylabel("validation loss (nats/char)")
-    ax.set_title(f"DiLoCo convergence ({a.model} char-LM)")
+    ax.set_ylabel("validation loss, nats/char (legend: final, 4x the windows)")
+    ax.set_title(f"DiLoCo convergence ({a.model} char-LM, outer lr {a.outer_lr}, "
+                 f"momentum {a.outer_momentum})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()

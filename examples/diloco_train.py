@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import re
 import signal
@@ -84,7 +85,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="seeds this peer's data sampling (default: the process id)")
     train.add_argument("--model", choices=sorted(SIZES), default="small")
     train.add_argument("--batch-size", type=int, default=16, help="sequences per inner step")
-    train.add_argument("--lr", type=float, default=3e-3, help="inner AdamW learning rate")
+    train.add_argument("--lr", type=float, default=3e-3, help="inner AdamW peak learning rate")
+    train.add_argument("--schedule", choices=["cosine", "constant"], default="cosine",
+                       help="inner learning rate after the warm-up: cosine decay to "
+                       "--min-lr-ratio x lr at the last inner step, or constant")
+    train.add_argument("--warmup", type=int, default=50, help="linear warm-up (inner steps)")
+    train.add_argument("--min-lr-ratio", type=float, default=0.1,
+                       help="final learning rate of the cosine schedule, relative to --lr")
     train.add_argument("--chars", type=int, default=3_000_000,
                        help="characters of the stdlib corpus to use")
     train.add_argument("--eval-batches", type=int, default=4,
@@ -100,7 +107,23 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--no-diloco trains alone: no --master or --local")
     if args.chaos and not args.local:
         p.error("--chaos needs --local N")
+    if args.warmup < 0 or not 0 <= args.min_lr_ratio <= 1:
+        p.error("--warmup must be >= 0 and --min-lr-ratio in [0, 1]")
     return args
+
+
+def learning_rate(args: argparse.Namespace, step: int) -> float:
+    """Inner learning rate at inner step ``step`` (0-based, counted over the
+    whole run, so a newcomer continues the schedule where the run is):
+    linear warm-up, then cosine decay (or constant)."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    if args.schedule == "constant":
+        return args.lr
+    total = args.outer_steps * args.sync_every
+    progress = min(1.0, (step - args.warmup) / max(1, total - args.warmup))
+    cosine = 0.5 * (1 + math.cos(math.pi * progress))
+    return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * cosine)
 
 
 # --------------------------------------------------------------------------
@@ -162,6 +185,12 @@ def train(args: argparse.Namespace) -> dict:
         losses = []
         info = None
         for _ in range(args.sync_every):
+            # The run's inner-step index: a newcomer learned the outer-step
+            # counter from the others.
+            step = (diloco.outer_step * args.sync_every + diloco.inner_step) if diloco \
+                else inner_steps
+            for group in opt.param_groups:
+                group["lr"] = learning_rate(args, step)
             x, y = data.next()
             loss = model.loss(x, y)
             opt.zero_grad(set_to_none=True)
@@ -255,6 +284,8 @@ def local_job(args: argparse.Namespace) -> int:
     common = ["--sync-every", str(args.sync_every), "--outer-steps", str(args.outer_steps),
               "--quantize", args.quantize, "--seed", str(args.seed), "--model", args.model,
               "--batch-size", str(args.batch_size), "--lr", str(args.lr),
+              "--schedule", args.schedule, "--warmup", str(args.warmup),
+              "--min-lr-ratio", str(args.min_lr_ratio),
               "--outer-lr", str(args.outer_lr), "--outer-momentum", str(args.outer_momentum),
               "--chars", str(args.chars), "--eval-batches", str(args.eval_batches),
               "--out-dir", out_dir, "--no-progress"]

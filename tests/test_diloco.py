@@ -240,6 +240,28 @@ def test_world_of_one_with_identity_outer_step_is_plain_training():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
+def test_async_world_of_one_with_identity_outer_step_is_plain_training():
+    # The one-step delay and the rebase (x <- theta - g) lose nothing alone:
+    # with outer lr 1 and no momentum, after finish() the model is where
+    # plain inner training ends (up to rounding).
+    def run(use_diloco: bool) -> list[torch.Tensor]:
+        torch.manual_seed(3)
+        model = TinyLM().double()
+        opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+        diloco = (AsyncDiLoCo(model, None, opt, outer_lr=1.0, outer_momentum=0.0,
+                              sync_every=3) if use_diloco else None)
+        for x in batches(4, 12):
+            inner_step(model, opt, x)
+            if diloco is not None:
+                diloco.step()
+        if diloco is not None:
+            assert diloco.finish().applied
+        return [p.detach().clone() for p in model.parameters()]
+
+    for a, b in zip(run(True), run(False), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
 def test_world_of_one_through_a_real_communicator():
     """A communicator alone in its run: the same bits as no communicator."""
     with pccl.MasterNode(listen="127.0.0.1:0") as master:
