@@ -16,58 +16,25 @@ import time
 import numpy as np
 import pytest
 
-from pccl.testing.linkemu import LinkEmulator, Sink, measure_flows, parse_address, ring_addresses
+from pccl.testing.linkemu import (
+    LinkEmulator,
+    LoopbackServer,
+    Sink,
+    measure_flows,
+    parse_address,
+    ring_addresses,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
 
-class EchoServer:
+class EchoServer(LoopbackServer):
     """Echoes every byte back; closes its side after the client's EOF."""
 
-    def __init__(self) -> None:
-        self.srv = socket.create_server(("127.0.0.1", 0))
-        self.srv.settimeout(0.1)
-        self.address = f"127.0.0.1:{self.srv.getsockname()[1]}"
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self._acceptor = threading.Thread(target=self._accept, daemon=True)
-        self._acceptor.start()
+    RECV_BYTES = 65536
 
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.srv.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            t = threading.Thread(target=self._echo, args=(conn,), daemon=True)
-            t.start()
-            self._threads.append(t)
-
-    def _echo(self, conn: socket.socket) -> None:
-        conn.settimeout(0.1)
-        with conn:
-            while not self._stop.is_set():
-                try:
-                    b = conn.recv(65536)
-                except TimeoutError:
-                    continue
-                except OSError:
-                    return
-                if not b:
-                    return
-                try:
-                    conn.sendall(b)
-                except OSError:
-                    return
-
-    def close(self) -> None:
-        self._stop.set()
-        self.srv.close()
-        self._acceptor.join(5)
-        for t in self._threads:
-            t.join(5)
+    def on_data(self, conn: socket.socket, index: int, data: bytes) -> None:
+        conn.sendall(data)
 
 
 @pytest.fixture

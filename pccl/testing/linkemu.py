@@ -725,19 +725,29 @@ def ring_addresses(emu: LinkEmulator, addresses: Sequence[str], **link_kwargs) -
 # Self-measurement: `python -m pccl.testing.linkemu`.
 
 
-class Sink:
-    """A blocking TCP sink on 127.0.0.1:0 that counts the bytes received
-    per connection (in accept order); for measurements and tests."""
+class LoopbackServer:
+    """A blocking TCP server on 127.0.0.1:0 for measurements and tests: one
+    thread accepts, one thread per connection hands every chunk received
+    to :meth:`on_data` (index = accept order).  ``close()`` stops and joins
+    every thread within a bound."""
 
-    def __init__(self) -> None:
+    RECV_BYTES = 1 << 20
+
+    def __init__(self, name: str = "loopback-server") -> None:
         self._srv = socket.create_server(("127.0.0.1", 0), backlog=64)
         self._srv.settimeout(0.1)
         self.address = _fmt(self._srv.getsockname()[:2])
-        self.counts: list[int] = []
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._acceptor = threading.Thread(target=self._accept, name="sink", daemon=True)
+        self._accepted = 0
+        self._acceptor = threading.Thread(target=self._accept, name=name, daemon=True)
         self._acceptor.start()
+
+    def on_connect(self, index: int) -> None:
+        """Called on the acceptor thread before the connection's thread starts."""
+
+    def on_data(self, conn: socket.socket, index: int, data: bytes) -> None:
+        raise NotImplementedError
 
     def _accept(self) -> None:
         while not self._stop.is_set():
@@ -747,25 +757,28 @@ class Sink:
                 continue
             except OSError:
                 return
-            self.counts.append(0)
-            t = threading.Thread(target=self._drain, args=(conn, len(self.counts) - 1),
-                                 daemon=True)
+            index, self._accepted = self._accepted, self._accepted + 1
+            self.on_connect(index)
+            t = threading.Thread(target=self._serve, args=(conn, index), daemon=True)
             t.start()
             self._threads.append(t)
 
-    def _drain(self, conn: socket.socket, i: int) -> None:
+    def _serve(self, conn: socket.socket, index: int) -> None:
         conn.settimeout(0.2)
         with conn:
             while not self._stop.is_set():
                 try:
-                    b = conn.recv(1 << 20)
+                    data = conn.recv(self.RECV_BYTES)
                 except TimeoutError:
                     continue
                 except OSError:
                     return
-                if not b:
+                if not data:
                     return
-                self.counts[i] += len(b)
+                try:
+                    self.on_data(conn, index, data)
+                except OSError:
+                    return
 
     def close(self) -> None:
         self._stop.set()
@@ -774,11 +787,25 @@ class Sink:
         for t in self._threads:
             t.join(5)
 
-    def __enter__(self) -> Sink:
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class Sink(LoopbackServer):
+    """Counts the bytes received per connection (in accept order)."""
+
+    def __init__(self) -> None:
+        self.counts: list[int] = []
+        super().__init__("sink")
+
+    def on_connect(self, index: int) -> None:
+        self.counts.append(0)
+
+    def on_data(self, conn: socket.socket, index: int, data: bytes) -> None:
+        self.counts[index] += len(data)
 
 
 def measure_flows(front: str, sink: Sink, flows: int, seconds: float,
