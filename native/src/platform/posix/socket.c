@@ -417,10 +417,25 @@ pccl__sock_connect(const pccl__sockaddr *to, const pccl__sockaddr *bind_to, uint
     return PCCL_OK;
 }
 
+/* The result of a nonblocking recv/sendmsg that returned n < 0: 1 to retry
+ * (EINTR), else *moved = 0 and PCCL_OK for "would block", or the error. */
+static int
+io_failed(size_t *moved, pccl_result *rv)
+{
+    if (errno == EINTR) {
+        return 1;
+    }
+    *moved = 0;
+    *rv = (errno == EAGAIN || errno == EWOULDBLOCK) ? PCCL_OK : syserr(errno);
+    return 0;
+}
+
 pccl_result
 pccl__sock_read(int fd, void *buf, size_t len, size_t *got)
 {
     ssize_t n;
+    pccl_result rv;
+
     for (;;) {
         n = recv(fd, buf, len, 0);
         if (n > 0) {
@@ -430,14 +445,9 @@ pccl__sock_read(int fd, void *buf, size_t len, size_t *got)
         if (n == 0) {
             return len == 0 ? (*got = 0, PCCL_OK) : PCCL_EPEERLOST;
         }
-        if (errno == EINTR) {
-            continue;
+        if (!io_failed(got, &rv)) {
+            return rv;
         }
-        if (errno == EAGAIN || errno == EWOULDBLOCK) {
-            *got = 0;
-            return PCCL_OK;
-        }
-        return syserr(errno);
     }
 }
 
@@ -447,6 +457,7 @@ pccl__sock_writev(int fd, const pccl__iov *iov, int n, size_t *put)
     struct iovec v[PCCL__MAX_IOV];
     struct msghdr msg;
     ssize_t w;
+    pccl_result rv;
     int i;
 
     if (n > PCCL__MAX_IOV) {
@@ -465,14 +476,9 @@ pccl__sock_writev(int fd, const pccl__iov *iov, int n, size_t *put)
             *put = (size_t)w;
             return PCCL_OK;
         }
-        if (errno == EINTR) {
-            continue;
+        if (!io_failed(put, &rv)) {
+            return rv;
         }
-        if (errno == EAGAIN || errno == EWOULDBLOCK) {
-            *put = 0;
-            return PCCL_OK;
-        }
-        return syserr(errno);
     }
 }
 
