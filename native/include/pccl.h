@@ -160,7 +160,10 @@ pccl_result pccl_comm_set_ring(pccl_comm *comm, const pccl_ring_config *ring);
  * src into dst (dst == src: in place) and writes a handle the caller owns
  * (pccl_op_free).  src and dst must stay valid until the op is waited
  * for.  The op is striped over all K connections.  On failure dst may hold
- * anything unless dst == src, and src is never modified before success.
+ * anything unless dst == src.  In place, results are written into src as
+ * they arrive (the tensor holds partial values while the op runs), each
+ * part saved first to a private backup; a failed op puts the input back
+ * before pccl_op_wait returns its error (or in pccl_op_free).
  * tag tells concurrent ops apart: the n-th op with a tag on one peer meets
  * the n-th op with that tag on the others.  Does not block.  Thread-safe. */
 pccl_result pccl_comm_all_reduce_start(pccl_comm *comm, const void *src, void *dst,

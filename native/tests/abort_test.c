@@ -141,6 +141,51 @@ abort_wakes(int inplace)
     free(dst);
 }
 
+/* In place, results are written into the input as they arrive, and a
+ * failure puts the input back.  World 3, rank 2 never starts the op:
+ * rank 1 still receives and reduces rank 0's first chunk into its tensor,
+ * then blocks until the abort. */
+typedef struct restore_arg {
+    ru_cluster *cl;
+    float *src[2];
+    float *orig[2];
+} restore_arg;
+
+static void
+restore_rank(uint32_t r, void *arg)
+{
+    restore_arg *a = arg;
+    delayed d;
+    pthread_t t = later(&d, a->cl->comm[r], 200, 0);
+    pccl_result rv = pccl_comm_all_reduce(a->cl->comm[r], a->src[r], a->src[r], N, PCCL_FLOAT32,
+                                          PCCL_SUM, PCCL_QUANT_NONE, 0, 20000, NULL);
+
+    CHECK(rv == PCCL_EABORTED || rv == PCCL_EPEERLOST);
+    pthread_join(t, NULL);
+    CHECK(memcmp(a->src[r], a->orig[r], N * sizeof(float)) == 0);
+}
+
+static void
+inplace_restored(void)
+{
+    ru_cluster cl;
+    restore_arg a;
+    uint32_t r;
+
+    ru_create(&cl, 3, NULL);
+    a.cl = &cl;
+    for (r = 0; r < 2; r++) {
+        a.src[r] = make_input(r + 1);
+        a.orig[r] = make_input(r + 1);
+    }
+    ru_parallel(2, restore_rank, &a);
+    ru_destroy(&cl);
+    for (r = 0; r < 2; r++) {
+        free(a.src[r]);
+        free(a.orig[r]);
+    }
+}
+
 /* A neighbour closed mid-operation: the others fail with EPEERLOST fast. */
 typedef struct closing_arg {
     ru_cluster *cl;
@@ -481,6 +526,7 @@ main(void)
     uint64_t t0 = ru_now_ms();
     abort_wakes(0);
     abort_wakes(1);
+    inplace_restored();
     fprintf(stderr, "abort ok (%llu ms)\n", (unsigned long long)(ru_now_ms() - t0));
     neighbour_closed(3, 1, 1 << 16);
     neighbour_closed(2, 1, 1 << 16);

@@ -48,10 +48,19 @@
  *     decode.  All-gather slices are forwarded as the same bytes with the
  *     same min/scale (never re-quantized) and decoded into work.
  *
- *  8. Buffers.  Out of place, the work buffer is dst itself.  In place, it
- *     is a private copy that replaces src only after success, so a failed
- *     operation leaves the input untouched.  Reduce-scatter payloads land
- *     in a per-connection slice scratch buffer and are reduced at once.
+ *  8. Buffers.  Results are written straight into dst.  Out of place
+ *     nothing else is needed.  In place, dst is the input, and a failed
+ *     operation must leave it as it was: each slice is copied to a
+ *     backup buffer before its first write (the engine checks this when
+ *     it accepts the slice's first frame), and restored from it on
+ *     failure.  The copy is done ahead of the engine by the waiting
+ *     thread (pccl__ring_op_save) in the order the engine will need the
+ *     slices, so on success it costs no time on the critical path; a
+ *     per-slice atomic state (not saved / being saved / saved) settles
+ *     who copies.  In place, dst aliases src: the reduce-scatter computes
+ *     work = received op work, which the kernels allow.  Reduce-scatter
+ *     payloads land in a per-connection slice scratch buffer and are
+ *     reduced at once.
  *
  * Every received header is checked against this schedule: right dtype, op
  * and quantization, a step in range, an offset and count that are exactly
@@ -69,6 +78,10 @@
 #include "coll/allreduce_ring.h"
 #include "coll/kernels.h"
 #include "coll/quant.h"
+#include "platform/plat.h"
+
+/* Backup state of one slice (in-place operations). */
+enum { BK_NONE = 0, BK_BUSY = 1, BK_DONE = 2 };
 
 /* (a - b) mod n for a, b < 2^32 and n >= 1. */
 static uint32_t
@@ -135,18 +148,18 @@ finish_alone(pccl__ring_op *o)
 
 void
 pccl__ring_op_buffers(const pccl__ring_geom *g, size_t count, pccl_dtype dtype, int in_place,
-                      pccl_quant quant, size_t *work_bytes, size_t *q_bytes)
+                      pccl_quant quant, size_t *backup_bytes, size_t *q_bytes)
 {
     size_t esize = 1, se;
 
     (void)pccl_dtype_size(dtype, &esize);
-    *work_bytes = 0;
+    *backup_bytes = 0;
     *q_bytes = 0;
     if (count == 0) {
         return;
     }
     if (g->world > 1 && in_place) {
-        *work_bytes = count * esize;
+        *backup_bytes = count * esize;
     }
     if (quant != PCCL_QUANT_NONE) {
         se = compute_slice_elems(count, esize, g->world, g->nconns, g->slice_bytes);
@@ -157,7 +170,7 @@ pccl__ring_op_buffers(const pccl__ring_geom *g, size_t count, pccl_dtype dtype, 
 pccl_result
 pccl__ring_op_init(pccl__ring_op *o, const pccl__ring_geom *g, const void *src, void *dst,
                    size_t count, pccl_dtype dtype, pccl_op op, pccl_quant quant, uint64_t tag,
-                   uint32_t seq, uint8_t *work_buf, uint8_t *q_buf)
+                   uint32_t seq, uint8_t *backup_buf, uint8_t *q_buf)
 {
     uint32_t n = g->world, c, t;
     size_t base, extra, total_slices = 0, nunits, sz;
@@ -194,14 +207,16 @@ pccl__ring_op_init(pccl__ring_op *o, const pccl__ring_geom *g, const void *src, 
         return PCCL_ENOMEM; /* unit ids are 32-bit; a smaller tensor fits */
     }
 
-    /* One block: chunk tables, send units, receive bitmap, quant meta. */
+    /* One block: chunk tables, send units, receive bitmap, backup states,
+     * quant meta. */
     sz = n * (2 * sizeof(size_t) + 2 * sizeof(uint32_t));
     sz = (sz + 15) & ~(size_t)15;
     {
         size_t units_off = sz;
         size_t seen_off = units_off + nunits * sizeof(pccl__frame_out);
-        size_t meta_off = (seen_off + nunits + 15) & ~(size_t)15;
         size_t all_slices = (count + o->slice_elems - 1) / o->slice_elems + n;
+        size_t saved_off = seen_off + nunits;
+        size_t meta_off = (saved_off + all_slices + 15) & ~(size_t)15;
         size_t total = meta_off + (quant ? 2 * all_slices * sizeof(double) : 0);
 
         if ((o->mem = calloc(1, total)) == NULL) {
@@ -214,6 +229,7 @@ pccl__ring_op_init(pccl__ring_op *o, const pccl__ring_geom *g, const void *src, 
         o->chunk_first = o->chunk_nslices + n;
         o->units = (pccl__frame_out *)(void *)(p + units_off);
         o->recv_seen = p + seen_off;
+        o->saved = p + saved_off;
         if (quant) {
             o->qmin = (double *)(void *)(p + meta_off);
             o->qscale = o->qmin + all_slices;
@@ -232,7 +248,7 @@ pccl__ring_op_init(pccl__ring_op *o, const pccl__ring_geom *g, const void *src, 
         o->recvs_left += o->chunk_nslices[recv_chunk(o, t)];
     }
     if (dst == src) {
-        o->work = work_buf;
+        o->backup = backup_buf;
     }
     return PCCL_OK;
 }
@@ -250,11 +266,85 @@ pccl__ring_op_done(const pccl__ring_op *o)
     return o->sends_left == 0 && o->recvs_left == 0;
 }
 
-void
-pccl__ring_op_commit(pccl__ring_op *o)
+/* Byte range of slice j of chunk c. */
+static void
+slice_range(const pccl__ring_op *o, uint32_t c, uint32_t j, size_t *off, size_t *len)
 {
-    if (o->work != o->dst) {
-        memcpy(o->dst, o->work, o->count * o->esize);
+    size_t rel = (size_t)j * o->slice_elems;
+    size_t n = o->chunk_len[c] - rel < o->slice_elems ? o->chunk_len[c] - rel : o->slice_elems;
+
+    *off = (o->chunk_off[c] + rel) * o->esize;
+    *len = n * o->esize;
+}
+
+/* Save slice j of chunk c unless somebody did or does; 1 if this call
+ * copied it. */
+static int
+try_save(pccl__ring_op *o, uint32_t c, uint32_t j)
+{
+    uint8_t *st = &o->saved[o->chunk_first[c] + j];
+    uint8_t expect = BK_NONE;
+    size_t off, len;
+
+    if (__atomic_load_n(st, __ATOMIC_ACQUIRE) != BK_NONE ||
+        !__atomic_compare_exchange_n(st, &expect, BK_BUSY, 0, __ATOMIC_ACQ_REL,
+                                     __ATOMIC_ACQUIRE)) {
+        return 0;
+    }
+    slice_range(o, c, j, &off, &len);
+    memcpy(o->backup + off, o->dst + off, len);
+    __atomic_store_n(st, BK_DONE, __ATOMIC_RELEASE);
+    return 1;
+}
+
+/* Engine: slice j of chunk c is about to be written. */
+static void
+ensure_saved(pccl__ring_op *o, uint32_t c, uint32_t j)
+{
+    const uint8_t *st = &o->saved[o->chunk_first[c] + j];
+
+    if (o->backup == NULL || try_save(o, c, j)) {
+        return;
+    }
+    /* Another thread is copying it: one slice, a few microseconds. */
+    while (__atomic_load_n(st, __ATOMIC_ACQUIRE) != BK_DONE) {
+        pccl__thread_yield();
+    }
+}
+
+void
+pccl__ring_op_save(pccl__ring_op *o)
+{
+    uint32_t t, j, c;
+
+    if (o->backup == NULL) {
+        return;
+    }
+    /* The engine first writes chunk recv_chunk(0), then recv_chunk(1)... */
+    for (t = 0; t < o->g.world; t++) {
+        c = recv_chunk(o, t);
+        for (j = 0; j < o->chunk_nslices[c]; j++) {
+            (void)try_save(o, c, j);
+        }
+    }
+}
+
+void
+pccl__ring_op_restore(pccl__ring_op *o)
+{
+    uint32_t c, j;
+    size_t off, len;
+
+    if (o->backup == NULL) {
+        return;
+    }
+    for (c = 0; c < o->g.world; c++) {
+        for (j = 0; j < o->chunk_nslices[c]; j++) {
+            if (__atomic_load_n(&o->saved[o->chunk_first[c] + j], __ATOMIC_ACQUIRE) == BK_DONE) {
+                slice_range(o, c, j, &off, &len);
+                memcpy(o->dst + off, o->backup + off, len);
+            }
+        }
     }
 }
 
@@ -363,6 +453,7 @@ pccl__ring_op_accept(pccl__ring_op *o, const pccl__frame_header *h, uint8_t *scr
     } else {
         *dst = o->work + h->offset * o->esize;
     }
+    ensure_saved(o, c, j); /* before the first write to this slice */
     o->recv_seen[u] = 1;
     *len = h->length;
     *unit = (uint32_t)u;

@@ -6,8 +6,9 @@
  * payloads, and it hands back frames to send through an emit callback
  * (connection index + frame).  See allreduce_ring.c for the algorithm.
  *
- * Threads: pccl__ring_op_init/fini/commit run on the caller's thread;
- * begin/accept/received/sent run on the engine thread only.
+ * Threads: pccl__ring_op_init/fini/restore run on the caller's thread;
+ * begin/accept/received/sent run on the engine thread only;
+ * pccl__ring_op_save may run on any thread, beside the engine.
  */
 #ifndef PCCL_COLL_ALLREDUCE_RING_H
 #define PCCL_COLL_ALLREDUCE_RING_H
@@ -45,7 +46,9 @@ typedef struct pccl__ring_op {
     pccl__ring_geom g;
 
     /* buffers */
-    uint8_t *work;          /* dst, or the caller's work buffer when dst == src */
+    uint8_t *work;          /* where results go: dst */
+    uint8_t *backup;        /* in place: the input's saved copy, else NULL */
+    uint8_t *saved;         /* in place: per slice, BK_* (atomic) */
     uint8_t *qbuf;          /* the caller's quantization buffer */
     double *qmin;           /* per slice of the whole tensor */
     double *qscale;
@@ -70,15 +73,15 @@ typedef struct pccl__ring_op {
 } pccl__ring_op;
 
 /* pccl__ring_op_buffers says which big buffers an operation needs from
- * its caller: a work buffer (in place, world > 1: count * esize bytes)
+ * its caller: a backup buffer (in place, world > 1: count * esize bytes)
  * and a quantization buffer.  0 means none.  Pure. */
 void pccl__ring_op_buffers(const pccl__ring_geom *g, size_t count, pccl_dtype dtype,
-                           int in_place, pccl_quant quant, size_t *work_bytes,
+                           int in_place, pccl_quant quant, size_t *backup_bytes,
                            size_t *q_bytes);
 
 /* pccl__ring_op_init prepares an operation (arguments already validated by
  * the caller: dtype/op/quant in range, quant only with floating dtypes,
- * count * esize without overflow).  work_buf and q_buf are the buffers
+ * count * esize without overflow).  backup_buf and q_buf are the buffers
  * pccl__ring_op_buffers asked for (NULL when it said 0); they stay the
  * caller's and must outlive the op.  Allocates its small tables (no
  * allocation happens later).  World 1 and count 0 finish right here: then
@@ -86,7 +89,7 @@ void pccl__ring_op_buffers(const pccl__ring_geom *g, size_t count, pccl_dtype dt
 pccl_result pccl__ring_op_init(pccl__ring_op *o, const pccl__ring_geom *g, const void *src,
                                void *dst, size_t count, pccl_dtype dtype, pccl_op op,
                                pccl_quant quant, uint64_t tag, uint32_t seq,
-                               uint8_t *work_buf, uint8_t *q_buf);
+                               uint8_t *backup_buf, uint8_t *q_buf);
 /* pccl__ring_op_fini frees what init allocated (not the caller's buffers). */
 void pccl__ring_op_fini(pccl__ring_op *o);
 
@@ -112,8 +115,20 @@ void pccl__ring_op_sent(pccl__ring_op *o, const pccl__frame_out *f);
 /* pccl__ring_op_done: every unit sent and received. */
 int pccl__ring_op_done(const pccl__ring_op *o);
 
-/* pccl__ring_op_commit copies the private work buffer into dst (in-place
- * operations) once the operation succeeded.  Caller's thread. */
-void pccl__ring_op_commit(pccl__ring_op *o);
+/* In place, results are written straight into the caller's tensor, and
+ * every slice is copied to the backup buffer before its first write, so
+ * that a failed operation can put the input back.  The engine saves a
+ * slice itself when it gets there first; pccl__ring_op_save lets a thread
+ * that would otherwise sleep (the waiter) save the slices ahead of the
+ * engine, in the order the engine will need them, so the copy overlaps
+ * the network.  Safe to call any number of times, from any thread, while
+ * the op is alive.  No-op out of place. */
+void pccl__ring_op_save(pccl__ring_op *o);
+
+/* pccl__ring_op_restore puts the input back after a failed in-place
+ * operation: every saved slice is copied from the backup into dst (a
+ * slice never saved was never written).  Only once the engine is done
+ * with the op.  No-op out of place. */
+void pccl__ring_op_restore(pccl__ring_op *o);
 
 #endif

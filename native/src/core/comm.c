@@ -992,17 +992,17 @@ pccl_comm_all_reduce_start(pccl_comm *comm, const void *src, void *dst, size_t c
     {
         size_t wb, qb;
         pccl__ring_op_buffers(&g, count, dtype, dst == src, quant, &wb, &qb);
-        h->work_buf = buf_take(comm, wb, &h->work_cap);
+        h->backup_buf = buf_take(comm, wb, &h->backup_cap);
         h->q_buf = buf_take(comm, qb, &h->q_cap);
-        if ((wb > 0 && h->work_buf == NULL) || (qb > 0 && h->q_buf == NULL)) {
+        if ((wb > 0 && h->backup_buf == NULL) || (qb > 0 && h->q_buf == NULL)) {
             rv = PCCL_ENOMEM;
         } else {
             /* seq is filled in below: only frame headers use it. */
             rv = pccl__ring_op_init(&h->ring, &g, src, dst, count, dtype, op, quant, tag, 0,
-                                    h->work_buf, h->q_buf);
+                                    h->backup_buf, h->q_buf);
         }
         if (rv != 0) {
-            free(h->work_buf);
+            free(h->backup_buf);
             free(h->q_buf);
             free(h);
             return rv;
@@ -1024,7 +1024,7 @@ pccl_comm_all_reduce_start(pccl_comm *comm, const void *src, void *dst, size_t c
         rv = seq_take(&comm->seqs, tag, &seq);
     }
     if (rv != 0) {
-        uint8_t *f1 = buf_give_locked(comm, h->work_buf, h->work_cap);
+        uint8_t *f1 = buf_give_locked(comm, h->backup_buf, h->backup_cap);
         uint8_t *f2 = buf_give_locked(comm, h->q_buf, h->q_cap);
         pccl__mutex_unlock(&comm->mtx);
         free(f1);
@@ -1060,6 +1060,16 @@ pccl_comm_all_reduce_start(pccl_comm *comm, const void *src, void *dst, size_t c
     return PCCL_OK;
 }
 
+/* A finished op failed: put an in-place input back (once). */
+static void
+restore_input(pccl_op_handle *h)
+{
+    if (h->result != 0 && !h->restored) {
+        pccl__ring_op_restore(&h->ring);
+        h->restored = 1;
+    }
+}
+
 pccl_result
 pccl_op_wait(pccl_op_handle *h, int32_t timeout_ms, pccl_reduce_info *info)
 {
@@ -1073,6 +1083,8 @@ pccl_op_wait(pccl_op_handle *h, int32_t timeout_ms, pccl_reduce_info *info)
     comm = h->comm;
     if (!__atomic_load_n(&h->finished, __ATOMIC_ACQUIRE)) {
         deadline = pccl__deadline_ms(timeout_ms);
+        /* Rather than sleep at once, save the input ahead of the engine. */
+        pccl__ring_op_save(&h->ring);
         pccl__mutex_lock(&comm->mtx);
         while (h->state != PCCL__OP_DONE) {
             if (pccl__cond_wait_until(&comm->cv, &comm->mtx, deadline) == PCCL_ETIMEDOUT &&
@@ -1085,11 +1097,8 @@ pccl_op_wait(pccl_op_handle *h, int32_t timeout_ms, pccl_reduce_info *info)
     }
     rv = h->result;
     if (rv != 0) {
+        restore_input(h);
         return rv;
-    }
-    if (!h->committed) {
-        pccl__ring_op_commit(&h->ring);
-        h->committed = 1;
     }
     if (info != NULL) {
         info->world = h->ring.g.world;
@@ -1130,9 +1139,10 @@ pccl_op_free(pccl_op_handle *h)
     if (!__atomic_load_n(&h->finished, __ATOMIC_ACQUIRE)) {
         break_for(h, PCCL_EABORTED);
     }
+    restore_input(h);
     pccl__ring_op_fini(&h->ring);
     pccl__mutex_lock(&comm->mtx);
-    f1 = buf_give_locked(comm, h->work_buf, h->work_cap);
+    f1 = buf_give_locked(comm, h->backup_buf, h->backup_cap);
     f2 = buf_give_locked(comm, h->q_buf, h->q_cap);
     comm->nhandles--;
     destroy = comm->freed && comm->nhandles == 0;

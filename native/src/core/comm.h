@@ -33,9 +33,9 @@ struct pccl_op_handle {
     int state;                  /* (mtx) enum pccl__op_state */
     int finished;               /* atomic mirror of state == DONE */
     pccl_result result;         /* (mtx) valid when DONE */
-    int committed;              /* waiter: result copied into dst */
-    uint8_t *work_buf;          /* from the comm's buffer cache, or NULL */
-    size_t work_cap;
+    int restored;               /* failed in place: input put back */
+    uint8_t *backup_buf;        /* from the comm's buffer cache, or NULL */
+    size_t backup_cap;
     uint8_t *q_buf;
     size_t q_cap;
     struct pccl_op_handle *qnext;              /* (mtx) submit queue */

@@ -36,6 +36,8 @@ uint64_t pccl__deadline_ms(int32_t ms);
 int pccl__poll_timeout_ms(uint64_t deadline);
 /* pccl__sleep_ms sleeps the calling thread (tests, retry back-off). */
 void pccl__sleep_ms(uint32_t ms);
+/* pccl__thread_yield gives the CPU to another runnable thread. */
+void pccl__thread_yield(void);
 
 /* ------------------------------------------------------------- threads */
 

@@ -7,6 +7,7 @@
  */
 #include <errno.h>
 #include <limits.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -65,6 +66,12 @@ pccl__sleep_ms(uint32_t ms)
     ts.tv_nsec = (long)(ms % 1000) * 1000000L;
     while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
     }
+}
+
+void
+pccl__thread_yield(void)
+{
+    (void)sched_yield();
 }
 
 pccl_result
