@@ -287,6 +287,63 @@ attack(enum attack a)
     free(dst);
 }
 
+/* A peer that sends everything and hangs up cleanly, one connection
+ * before the others (as a peer that finished its last op and closed
+ * does: the FIN on one connection can overtake data still queued on
+ * another).  The op must complete; only then is the ring broken. */
+static void
+graceful_close(void)
+{
+    pccl_comm_config cfg;
+    pccl_comm *comm;
+    fake f;
+    float *src = calloc(COUNT, sizeof(float)), *dst = calloc(COUNT, sizeof(float));
+    pccl_op_handle *h;
+    pccl__frame_header fh, fh1;
+    pccl_result rv;
+    uint64_t t0;
+
+    CHECK_OK(pccl_comm_config_init(&cfg));
+    cfg.listen_addr = "127.0.0.1:0";
+    cfg.p2p_connections = K;
+    cfg.progress_timeout_ms = 5000;
+    CHECK_OK(pccl_comm_create(&cfg, &comm));
+    fake_join(&f, comm, 9);
+    CHECK_OK(pccl_comm_all_reduce_start(comm, src, dst, COUNT, PCCL_FLOAT32, PCCL_SUM,
+                                        PCCL_QUANT_NONE, 0, &h));
+    good_header(&f, &fh);
+    fh1 = fh;
+    /* Unit (step t, slice j) travels on connection (j + t) % K.
+     * Connection 0: (0, 0) and (1, 1), then FIN. */
+    send_frame(f.to_comm[0], &fh, 1);
+    fh.step = 1;
+    fh.offset = fh.count; /* all-gather: chunk 0 */
+    send_frame(f.to_comm[0], &fh, 1);
+    pccl__sock_close(f.to_comm[0]);
+    f.to_comm[0] = -1;
+    /* Not synchronisation: gives the comm time to read the FIN first, the
+     * order that used to fail the op (the test passes either way now). */
+    pccl__sleep_ms(200);
+    /* connection 1: (0, 1) and (1, 0) */
+    fh1.offset = COUNT / 2 + fh1.count;
+    send_frame(f.to_comm[1], &fh1, 1);
+    fh1.step = 1;
+    fh1.offset = 0;
+    send_frame(f.to_comm[1], &fh1, 1);
+    CHECK_OK(pccl_op_wait(h, 10000, NULL));
+    CHECK_OK(pccl_op_free(h));
+    /* with a connection gone the ring is no use: the next op fails fast */
+    t0 = ru_now_ms();
+    rv = pccl_comm_all_reduce(comm, src, dst, COUNT, PCCL_FLOAT32, PCCL_SUM, PCCL_QUANT_NONE, 0,
+                              10000, NULL);
+    CHECK(rv == PCCL_EPEERLOST || rv == PCCL_ERINGBROKEN);
+    CHECK(ru_now_ms() - t0 < 3000);
+    fake_close(&f);
+    CHECK_OK(pccl_comm_free(comm));
+    free(src);
+    free(dst);
+}
+
 /* Refusals at the handshake. */
 static void
 refusals(void)
@@ -360,6 +417,8 @@ main(void)
         attack((enum attack)a);
     }
     fprintf(stderr, "attacks ok (%llu ms)\n", (unsigned long long)(ru_now_ms() - t0));
+    graceful_close();
+    fprintf(stderr, "graceful close ok (%llu ms)\n", (unsigned long long)(ru_now_ms() - t0));
     refusals();
     fprintf(stderr, "proto_test ok (%llu ms)\n", (unsigned long long)(ru_now_ms() - t0));
     return 0;

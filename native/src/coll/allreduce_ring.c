@@ -261,6 +261,26 @@ pccl__ring_op_fini(pccl__ring_op *o)
 }
 
 int
+pccl__ring_op_expects_on(const pccl__ring_op *o, uint32_t conn_index)
+{
+    uint32_t t, j;
+
+    if (o->recvs_left == 0) {
+        return 0;
+    }
+    for (t = 0; t < o->nsteps; t++) {
+        uint32_t ns = o->chunk_nslices[recv_chunk(o, t)];
+        for (j = 0; j < ns; j++) {
+            if ((j + t) % o->g.nconns == conn_index &&
+                !o->recv_seen[(size_t)t * o->max_slices + j]) {
+                return 1;
+            }
+        }
+    }
+    return 0;
+}
+
+int
 pccl__ring_op_done(const pccl__ring_op *o)
 {
     return o->sends_left == 0 && o->recvs_left == 0;

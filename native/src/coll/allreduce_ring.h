@@ -112,6 +112,10 @@ void pccl__ring_op_received(pccl__ring_op *o, uint32_t unit, const pccl__frame_h
 /* pccl__ring_op_sent accounts a frame completely written. */
 void pccl__ring_op_sent(pccl__ring_op *o, const pccl__frame_out *f);
 
+/* pccl__ring_op_expects_on: 1 if a unit not yet received is scheduled to
+ * arrive on inbound connection conn_index. */
+int pccl__ring_op_expects_on(const pccl__ring_op *o, uint32_t conn_index);
+
 /* pccl__ring_op_done: every unit sent and received. */
 int pccl__ring_op_done(const pccl__ring_op *o);
 

@@ -166,6 +166,7 @@ struct pccl_comm {
     uint64_t last_progress;
     pccl_result efail;           /* failure found inside a callback */
     uint32_t nparked_conns;
+    uint32_t nclosed_conns;      /* hung up by the peer, ops still draining */
     uint32_t ndirty;             /* entries of ering->dirty in use */
 };
 

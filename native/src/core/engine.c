@@ -37,6 +37,7 @@ enum {
 };
 
 static void complete_done_ops(pccl_comm *comm);
+static void inbound_closed(pccl_comm *comm, pccl__conn *c);
 
 static void
 fail(pccl_comm *comm, pccl_result rv)
@@ -263,8 +264,13 @@ rx(pccl_comm *comm, pccl__conn *c)
 
     while (comm->efail == 0) {
         if (c->rstate == PCCL__RX_HEADER) {
+            int at_boundary = c->rhdr_got == 0;
             if ((rv = pccl__conn_recv_header(c, &ready, &moved)) != 0) {
-                fail(comm, rv);
+                if (rv == PCCL_EPEERLOST && at_boundary && moved == 0) {
+                    inbound_closed(comm, c);
+                } else {
+                    fail(comm, rv);
+                }
                 return;
             }
             if (moved > 0) {
@@ -303,6 +309,32 @@ rx(pccl_comm *comm, pccl__conn *c)
     }
 }
 
+/* The peer hung up c, a connection we read from, between two frames.
+ * A peer that finished its last op and closed does exactly that, and
+ * its FIN on one connection can overtake data still queued on another:
+ * ops that expect nothing more on c go on; the ring breaks once they
+ * are done (engine_main), or now if an op needs c. */
+static void
+inbound_closed(pccl_comm *comm, pccl__conn *c)
+{
+    pccl_op_handle *op;
+
+    c->peer_closed = 1;
+    comm->nclosed_conns++;
+    pccl__poller_del(&comm->poller, c->fd);
+    c->registered = 0;
+    if (comm->eops == NULL) {
+        fail(comm, PCCL_EPEERLOST);
+        return;
+    }
+    for (op = comm->eops; op != NULL; op = op->enext) {
+        if (pccl__ring_op_expects_on(&op->ring, c->index)) {
+            fail(comm, PCCL_EPEERLOST);
+            return;
+        }
+    }
+}
+
 /* An outbound connection is readable or errored: the peer never sends on
  * it, so this is a hang-up (or garbage). */
 static void
@@ -318,6 +350,7 @@ probe_outbound(pccl_comm *comm, pccl__conn *c)
         return;
     }
     c->peer_closed = 1;
+    comm->nclosed_conns++;
     pccl__poller_del(&comm->poller, c->fd);
     c->registered = 0;
     /* Ops that still have to send cannot finish; ops only waiting for
@@ -396,6 +429,7 @@ close_ring(pccl_comm *comm)
     comm->ering = NULL;
     comm->ndirty = 0;
     comm->nparked_conns = 0;
+    comm->nclosed_conns = 0;
 }
 
 /* Break the ring: close sockets first, then fail ops in flight, ops still
@@ -434,6 +468,7 @@ install(pccl_comm *comm, pccl__ring_install *r)
     comm->ering = r;
     comm->ndirty = 0;
     comm->nparked_conns = 0;
+    comm->nclosed_conns = 0;
     for (k = 0; k < r->nlinks; k++) {
         pccl__conn *cs[2] = {&r->out[k], &r->in[k]};
         int i;
@@ -551,6 +586,10 @@ engine_main(void *arg)
             return;
         }
         complete_done_ops(comm);
+        if (comm->nclosed_conns > 0 && comm->eops == NULL && comm->ering != NULL) {
+            /* the ops that could still finish on a hung-up ring did */
+            engine_break(comm, PCCL_EPEERLOST, NULL);
+        }
         if (comm->eops != NULL && comm->progress_timeout_ms >= 0 &&
             pccl__clock_ns() >= comm->last_progress +
                                     (uint64_t)comm->progress_timeout_ms * 1000000u) {

@@ -41,7 +41,7 @@ typedef struct pccl__conn {
     int outbound;            /* 1: we send, 0: we receive */
     uint32_t interest;       /* PCCL__POLL_* flags registered with the poller */
     int registered;          /* in the poller */
-    int peer_closed;         /* outbound only: the peer has hung up */
+    int peer_closed;         /* the peer has hung up (cleanly, inbound) */
     int dirty;               /* on the engine's flush list */
 
     /* sending */
