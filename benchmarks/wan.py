@@ -15,12 +15,17 @@ link, window for 25 Mbit/s per flow, one 64 MiB float32 tensor.
 * **gloo**: ``torch.distributed``'s ProcessGroupGloo.  Gloo connects a
   full mesh of pairs, using the addresses each rank publishes in the
   store; a store wrapper rewrites, for each reader, every peer's address
-  into the front of an emulated link reader -> peer.  Gloo decides which
-  side of a pair dials by comparing the two addresses (IP first), so the
-  devices bind 127.0.0.2 and each front is opened on 127.0.0.1 or 127.0.0.3
-  such that the comparison comes out as it would without the emulator.
-  One TCP connection per pair, each pair its own link with the same rate,
-  delay and window: the same emulated network as pccl's ring edges.
+  into the front of an emulated link reader -> peer (in a link emulator
+  inside the reader's process).  Gloo decides which side of a pair dials
+  by comparing the two addresses (IP first), so the devices bind
+  127.0.0.128 and the front for peer p is opened on 127.0.0.(1+p), below
+  the device, or 127.0.0.(129+p), above it: exactly one side of each pair
+  sees its peer below and dials, through its own link; the other side's
+  link stays unused.  One TCP connection per pair (all n(n-1)/2 pairs, not
+  only ring neighbours), each its own link with the same rate, delay and
+  window: the same emulated network as pccl's ring edges.  The run checks
+  that every ring edge really moved its share, 2(n-1)/n * bytes, through
+  an emulated link (the relays' byte counters) and prints it.
 
 Reported: bus bandwidth = 2(n-1)/n * bytes / time, as a fraction of the
 emulated link rate; the ratio to gloo; the quantized speed-up.  Targets:
@@ -33,8 +38,9 @@ multiplies every rate (link and per-flow) and keeps their ratios, the
 point of the experiment; the run reports the relay's CPU use and warns
 when it was the bottleneck.
 
-    python benchmarks/wan.py            # full: 64 MiB, K = 1..16, gloo, uint8; ~4-5 min
-    python benchmarks/wan.py --quick    # 16 MiB, K = 1, 4, 16, gloo, uint8; < 1 min
+    python benchmarks/wan.py            # full: 64 MiB, K = 1..16, gloo, uint8; 3-5 min
+    python benchmarks/wan.py --quick    # 16 MiB, K = 1, 4, 16, gloo, uint8; ~1 min
+    python benchmarks/wan.py --no-gloo  # pccl only
 """
 
 from __future__ import annotations
@@ -53,6 +59,8 @@ import numpy as np
 TARGET_FRACTION = 0.8   # pccl, K >= 8, of the link rate
 TARGET_QUANT = 3.0      # uint8 vs float32 wall time, same K
 GLOO_DEVICE_IP = "127.0.0.128"
+GLOO_MAX_WORLD = 126    # fronts on 127.0.0.(1+p) and 127.0.0.(129+p)
+GLOO_EDGE_MIN = 0.9     # of 2(n-1)/n * bytes: what each ring edge must relay
 
 
 def log(msg: str) -> None:
@@ -152,12 +160,14 @@ class GlooWanWorker:
     Gloo learns its peers' addresses from the store; a store wrapper
     rewrites each peer's address into the front of a link opened by this
     process's own link emulator (one link per peer, same rate, delay and
-    window as pccl's ring edges; only the side that dials uses its link).
-    Gloo picks the dialing side of a pair by comparing the two addresses,
-    so the devices bind 127.0.0.128 and the front for peer p listens on
-    127.0.0.(1+p) or 127.0.0.(129+p) - below or above, as the real peer
-    address is - on this rank's own port: whether gloo compares IP or port
-    first, the outcome is the same as without the emulator."""
+    window as pccl's ring edges).  Gloo picks the dialing side of a pair
+    by comparing the two addresses, IP first (``Device::isInitiator``), so
+    the devices bind 127.0.0.128 and the front for peer p listens on
+    127.0.0.(1+p) if the real peer address is below this rank's, else on
+    127.0.0.(129+p) (port 0: the IPs always differ, the port is never
+    compared): both ends of a pair reach the same verdict, exactly one of
+    them dials, and it dials through its own emulated link.  The other
+    end's link for that pair carries nothing."""
 
     def __init__(self, rank: int, world: int, options: dict):
         import torch
@@ -165,6 +175,8 @@ class GlooWanWorker:
 
         from pccl.testing.linkemu import LinkEmulator
 
+        if world > GLOO_MAX_WORLD:
+            raise ValueError(f"gloo through the emulator supports at most {GLOO_MAX_WORLD} ranks")
         self.torch, self.dist = torch, dist
         self.rank, self.world = rank, world
         self.options = options
@@ -206,7 +218,7 @@ class GlooWanWorker:
                     below = (ip, port) < own[0]
                     host = f"127.0.0.{(1 if below else 129) + p}"
                     fronts[p] = emu.add_link(f"{ip}:{port}", name=f"gloo {rank}->{p}",
-                                             host=host, port=own[0][1])
+                                             host=host)
                 fhost, fport = fronts[p].rsplit(":", 1)
                 b = bytearray(value)
                 struct.pack_into(">H", b, off + 2, int(fport))
@@ -249,12 +261,22 @@ class GlooWanWorker:
         self.x = self.torch.full((nbytes // 4,), float(self.rank + 1), dtype=self.torch.float32)
 
     def verify(self) -> dict:
-        """The first (timed) operation, checked."""
+        """The first (timed) operation, checked; with the bytes each of this
+        rank's links relayed (forward = this rank -> peer) and the relay
+        thread's CPU seconds during the operation."""
+        cpu0 = _thread_cpu_seconds(self.emu.thread_id)
         t0 = c.now()
         self.pg.allreduce([self.x]).wait()
         t1 = c.now()
-        used = {n: s.connections_total for n, s in self.emu.stats().items()}
-        return {"error": _check(self.x.numpy(), self.world), "span": (t0, t1), "links": used}
+        cpu = _thread_cpu_seconds(self.emu.thread_id) - cpu0
+        # A rank is done once it has received everything, while its own
+        # last bytes may still be in its relay: count them after every rank
+        # is done (past a barrier), when every relay has delivered them.
+        self.pg.barrier().wait()
+        links = {n: [s.forward.bytes, s.reverse.bytes, s.connections_total]
+                 for n, s in self.emu.stats().items()}
+        return {"error": _check(self.x.numpy(), self.world), "span": (t0, t1),
+                "links": links, "relay_cpu_s": cpu}
 
     def run(self, n: int) -> None:
         for _ in range(n):
@@ -267,6 +289,36 @@ class GlooWanWorker:
     def close(self) -> None:
         self.pg = None
         self.emu.stop()
+
+
+def _thread_cpu_seconds(tid: int | None) -> float:
+    """CPU seconds (user + system) of thread ``tid`` of this process."""
+    if tid is None:
+        return 0.0
+    try:
+        with open(f"/proc/self/task/{tid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def gloo_ring_bytes(link_reports: list[dict], world: int) -> dict:
+    """From the workers' link counters ({"gloo a->b": [fwd, rev, conns]}),
+    the bytes that crossed emulated links on each ring edge.  Gloo's ring
+    sends to one neighbour and receives from the other; which way round is
+    gloo's business, so both orientations are measured and the busier one
+    is taken as the ring."""
+    moved: dict[tuple[int, int], int] = {}
+    for links in link_reports:
+        for name, (fwd, rev, _conns) in links.items():
+            a, b = (int(x) for x in name.split()[-1].split("->"))
+            moved[(a, b)] = moved.get((a, b), 0) + fwd
+            moved[(b, a)] = moved.get((b, a), 0) + rev
+    rings = [[(r, (r + step) % world) for r in range(world)] for step in (1, -1)]
+    edges = max(rings, key=lambda ring: min(moved.get(e, 0) for e in ring))
+    return {"edges": [[a, b, moved.get((a, b), 0)] for a, b in edges],
+            "total": sum(moved.values())}
 
 
 # --------------------------------------------------------------------------
@@ -301,17 +353,21 @@ def _measure(name: str, group: c.WorkerGroup, nbytes: int, world: int, args,
     if errors:
         raise c.BenchmarkError(f"{name}: wrong result: {errors[0]}")
     samples = [max(r["span"][1] for r in replies) - min(r["span"][0] for r in replies)]
-    relayed = sum(sum(r.get("links", {}).values()) for r in replies)
     extra = 0 if args.quick else max(0, min(args.iters - 1, int(args.budget / samples[0])))
     for _ in range(extra):
         spans = group.call("run", 1, timeout=timeout)
         samples.append(max(t1 for _, t1 in spans) - min(t0 for t0, _ in spans))
     cpu = (_relay_cpu() - cpu0) / max(time.monotonic() - wall0, 1e-9)
+    if any("relay_cpu_s" in r for r in replies):
+        # Relays inside the workers (gloo): the busiest one, first operation.
+        cpu = max(r["relay_cpu_s"] for r in replies) / max(samples[0], 1e-9)
     t = float(np.median(samples))
     busbw = c.bus_bandwidth(nbytes, world, t) * 1e9      # bytes/s
-    return {"name": name, "seconds": t, "samples_s": samples, "busbw_Bps": busbw,
-            "fraction": busbw / (args.link_bps / 8), "relay_cpu": cpu,
-            "gloo_connections_relayed": relayed}
+    out = {"name": name, "seconds": t, "samples_s": samples, "busbw_Bps": busbw,
+           "fraction": busbw / (args.link_bps / 8), "relay_cpu": cpu}
+    if any("links" in r for r in replies):
+        out["gloo_links"] = [r["links"] for r in replies]
+    return out
 
 
 def run(args) -> dict:
@@ -379,9 +435,17 @@ def _run_gloo(args, tmpdir: str, nbytes: int, per_link: float) -> dict:
     except c.BenchmarkError as e:
         log(f"gloo: FAILED: {e}")
         return {"name": "gloo", "error": str(e).splitlines()[0]}
-    res.update(kind="gloo", k=1, quant=False)
-    log(f"gloo: {res['seconds']:.2f} s, {res['fraction']:.2f} of link, "
-        f"{res['gloo_connections_relayed']} pair connections relayed")
+    ring = gloo_ring_bytes(res["gloo_links"], args.world)
+    least = min(b for _, _, b in ring["edges"]) / per_link
+    res.update(kind="gloo", k=1, quant=False, gloo_ring=ring, gloo_edge_min=least)
+    edges = ", ".join(f"{a}->{b} {by / per_link:.3f}" for a, b, by in ring["edges"])
+    log(f"gloo: {res['seconds']:.2f} s, {res['fraction']:.2f} of link, relayed per ring edge "
+        f"(of 2(n-1)/n * bytes): {edges}")
+    if least < GLOO_EDGE_MIN:
+        msg = (f"a ring edge relayed only {least:.2f} of its share through the emulator "
+               f"(< {GLOO_EDGE_MIN}): gloo's traffic did not cross the emulated links")
+        log(f"gloo: FAILED: {msg}")
+        return {"name": "gloo", "error": msg, "gloo_ring": ring}
     return res
 
 
@@ -392,15 +456,8 @@ def _run_gloo(args, tmpdir: str, nbytes: int, per_link: float) -> dict:
 def report(data: dict, args) -> list[str]:
     ok = [r for r in data["results"] if not r.get("error")]
     gloo = next((r for r in ok if r["kind"] == "gloo"), None)
-    gloo_note = "gloo time / this time"
-    if gloo is None:
-        # Gloo's ring puts one TCP connection on each ring edge: through
-        # the same links that is exactly pccl K=1's traffic pattern, an
-        # upper bound for gloo (window/RTT per edge).
-        gloo = next((r for r in ok if r["kind"] == "pccl" and r["k"] == 1 and not r["quant"]),
-                    None)
-        gloo_note = ("gloo-equivalent (one flow per ring edge = pccl K=1, an upper bound "
-                     "for gloo's ring on these links) time / this time")
+    gloo_note = ("gloo time / this time = this contender's speed relative to gloo"
+                 if gloo else "not measured (--no-gloo or gloo failed)")
     kmax = max(args.ks)
     plain = next((r for r in ok if r["kind"] == "pccl" and r["k"] == kmax and not r["quant"]),
                  None)
@@ -426,6 +483,16 @@ def report(data: dict, args) -> list[str]:
             verdicts.append(f"pccl K={r['k']}: {r['fraction']:.2f} of link capacity "
                             f"(target >= {TARGET_FRACTION}): "
                             f"{'PASS' if r['fraction'] >= TARGET_FRACTION else 'FAIL'}")
+    if gloo:
+        verdicts.append(f"gloo: every ring edge relayed >= {gloo['gloo_edge_min']:.3f} of "
+                        f"2(n-1)/n * bytes through an emulated link (required >= "
+                        f"{GLOO_EDGE_MIN})")
+        best = max((r for r in ok if r["kind"] == "pccl" and not r["quant"]),
+                   key=lambda r: r["fraction"], default=None)
+        if best:
+            verdicts.append(f"pccl/gloo speed at pccl's best K={best['k']}: "
+                            f"{gloo['seconds'] / best['seconds']:.2f}x "
+                            f"({best['fraction']:.2f} vs {gloo['fraction']:.2f} of link)")
     if plain and quant:
         sp = plain["seconds"] / quant["seconds"]
         verdicts.append(f"uint8 speed-up at K={kmax}: {sp:.2f}x (target >= {TARGET_QUANT}x): "
@@ -436,8 +503,9 @@ def report(data: dict, args) -> list[str]:
                f"window {data['window_bytes']} B per connection = "
                f"{args.flow_bps / 1e6:g} Mbit/s per flow{scale}.\n"
                f"bus bw = 2(n-1)/n * bytes / time (median); 'of link' = bus bw / link rate; "
-               f"'vs gloo' = {gloo_note}.  relay CPU = this process's CPU "
-               f"share during the measurement (the emulator thread); near 100% means "
+               f"'vs gloo' = {gloo_note}.  relay CPU = CPU share of the relay during "
+               f"the measurement (pccl: this process, nearly all of it the emulator "
+               f"thread; gloo: the busiest rank's emulator thread); near 100% means "
                f"the relay, not the link, was the limit.")
     c.print_table("all-reduce over emulated WAN links", cols, rows, styles, caption)
     for v in verdicts:
@@ -462,11 +530,16 @@ def plot(data: dict, path: Path, args) -> Path | None:
     colours = ["tab:orange" if r["kind"] == "gloo" else
                ("tab:green" if r["quant"] else "tab:blue") for r in ok]
     bars = ax.bar(names, fr, color=colours)
+    gloo = next((r for r in ok if r["kind"] == "gloo"), None)
     for b, r in zip(bars, ok, strict=True):
-        ax.annotate(f"{r['seconds']:.1f} s", (b.get_x() + b.get_width() / 2, b.get_height()),
+        label = f"{r['seconds']:.1f} s"
+        if gloo and r is not gloo:
+            label += f"\n{gloo['seconds'] / r['seconds']:.2f}x gloo"
+        ax.annotate(label, (b.get_x() + b.get_width() / 2, b.get_height()),
                     ha="center", va="bottom", fontsize=8)
     ax.axhline(TARGET_FRACTION, color="grey", ls="--", lw=1, label=f"target {TARGET_FRACTION}")
     ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_ylim(0, max(fr + [1.0]) * 1.18)     # room for the labels
     ax.set_ylabel("bus bandwidth / link rate")
     ax.set_title(f"{args.world} peers, {c.fmt_size(args.size)}, RTT {args.rtt_ms:g} ms, "
                  f"{args.link_bps / 1e6:g} Mbit/s links, {args.flow_bps / 1e6:g} Mbit/s per flow")
@@ -497,9 +570,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="per-connection rate cap; the window is this * RTT")
     ap.add_argument("--scale", type=float, default=1.0,
                     help="multiply link and flow rates (for a relay that cannot keep up)")
-    ap.add_argument("--gloo", action="store_true",
-                    help="also run real gloo through per-process relays (works for --world 2; "
-                         "its rendezvous hangs at world >= 3, bounded by a 60 s timeout)")
+    ap.add_argument("--gloo", action=argparse.BooleanOptionalAction, default=True,
+                    help="also run real gloo (torch.distributed) through emulated links "
+                         "(relays inside each gloo process)")
     ap.add_argument("--no-quant", dest="quant", action="store_false",
                     help="skip the uint8 run")
     ap.add_argument("--iters", type=int, default=3, help="timed operations at most per config")
@@ -516,6 +589,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.flow_bps = args.flow_mbit * 1e6 * args.scale
     if args.world < 2:
         ap.error("--world must be >= 2")
+    if args.gloo and args.world > GLOO_MAX_WORLD:
+        ap.error(f"--gloo supports --world <= {GLOO_MAX_WORLD}")
     if args.size % 4:
         ap.error("--size must be a multiple of 4")
     return args

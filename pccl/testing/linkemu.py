@@ -208,6 +208,21 @@ class _Pipe:
             room = min(room, self.dir.queue_bytes - self.dir.backlog(now))
         return max(0, room)
 
+    def unwanted_read_room(self) -> int:
+        """Bytes to take when the loop reads although :meth:`allowance` is
+        0 (uvloop starts reading a new connection right after
+        ``connection_made``, whatever it was told): what the window still
+        allows, at least one byte.  The bytes are held until the link may
+        move them (target connected, black hole healed) and then leave as
+        one write.  Taking a single byte would split the sender's first
+        write into two deliveries, and some peers read their first message
+        with one ``recv``: gloo's listener reads the 8-byte pair sequence
+        number that way and silently drops a connection on a short read."""
+        room = self.dir.chunk_limit()
+        if self.conn.link.window is not None:
+            room = min(room, self.conn.link.window - self.inflight)
+        return max(1, room)
+
     def update_reading(self) -> None:
         if self.src is None or self.src.transport is None or self.conn.closed:
             return
@@ -351,11 +366,12 @@ class _Side(asyncio.BufferedProtocol):
         n = self.out.allowance()
         if n <= 0:
             # A read we did not want: the loop (re)started reading behind
-            # our back (uvloop does after connection_made).  Pause for real
-            # once this read is over (pausing inside the read callback is
-            # not safe); the byte asyncio insists on reading is forwarded.
+            # our back (uvloop does after connection_made, typically before
+            # the relay has reached the target).  Pause for real once this
+            # read is over (pausing inside the read callback is not safe);
+            # what this read takes is held and forwarded whole.
             self.conn.loop.call_soon(self.out.force_pause)
-            return self._view[:1]
+            return self._view[:self.out.unwanted_read_room()]
         return self._view[:n]
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -698,6 +714,13 @@ class LinkEmulator:
             return {lk.name: lk.stats() for lk in self._select(None)}
 
         return self._call(go())
+
+    @property
+    def thread_id(self) -> int | None:
+        """The relay thread's native id (to read its CPU time from
+        ``/proc``), or None when the emulator is not running."""
+        t = self._thread
+        return None if t is None else t.native_id
 
     @property
     def links(self) -> list[str]:
