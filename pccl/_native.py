@@ -309,7 +309,10 @@ class NativeComm:
 
     # -- all-reduce -------------------------------------------------------
 
-    def _start(self, x, out, op, quantization, tag):
+    def _prepare(self, x, out, op, quantization, tag):
+        """Check the arguments of an all-reduce; returns the C arguments
+        (src, dst, count, dtype, op, quantization, tag) and the objects to
+        keep alive while it runs."""
         self._check_open()
         op = _enum_arg(ReduceOp, op, "op")
         quantization = _enum_arg(Quantization, quantization, "quantization")
@@ -336,21 +339,14 @@ class NativeComm:
             raise errors.NotSupportedError(
                 f"quantization {quantization.name} needs a floating dtype, got {dtype.name}"
             )
+        args = (ffi.cast("void *", src), ffi.cast("void *", dst), count, int(dtype), int(op),
+                int(quantization), tag)
+        return args, keep
+
+    def _start(self, x, out, op, quantization, tag):
+        args, keep = self._prepare(x, out, op, quantization, tag)
         h = ffi.new("pccl_op_handle **")
-        check(
-            lib.pccl_comm_all_reduce_start(
-                self._comm,
-                ffi.cast("void *", src),
-                ffi.cast("void *", dst),
-                count,
-                int(dtype),
-                int(op),
-                int(quantization),
-                tag,
-                h,
-            ),
-            "all_reduce",
-        )
+        check(lib.pccl_comm_all_reduce_start(self._comm, *args, h), "all_reduce")
         return AllReduceHandle(h[0], keep)
 
     def all_reduce_async(
@@ -373,16 +369,17 @@ class NativeComm:
 
         On failure ``x`` is unchanged.  A ``timeout`` (seconds) that passes
         aborts the ring (:class:`pccl.PcclTimeoutError`)."""
-        handle = self._start(x, out, op, quantization, tag)
-        try:
-            return handle.wait(timeout)
-        except errors.PcclTimeoutError:
-            self.abort()
-            try:
-                handle.wait()
-            except errors.PcclError:
-                pass
-            raise
+        # The blocking C call (GIL released by cffi): when the engine
+        # thread is idle it runs the operation on this thread, with no
+        # hand-off between threads; a timeout breaks the ring.
+        args, keep = self._prepare(x, out, op, quantization, tag)
+        info = ffi.new("pccl_reduce_info *")
+        rv = lib.pccl_comm_all_reduce(self._comm, *args, _timeout_ms(timeout), info)
+        del keep
+        if rv == lib.PCCL_ETIMEDOUT and timeout is not None:
+            raise errors.PcclTimeoutError(f"all-reduce did not finish in {timeout} s", rv)
+        check(rv, "all_reduce")
+        return ReduceInfo(info.world, info.tx_bytes, info.rx_bytes)
 
     # -- shared-state transfers --------------------------------------------
 

@@ -332,20 +332,28 @@ ensure_saved(pccl__ring_op *o, uint32_t c, uint32_t j)
     }
 }
 
+int
+pccl__ring_op_save_next(pccl__ring_op *o)
+{
+    /* The engine first writes chunk recv_chunk(0), then recv_chunk(1)... */
+    while (o->backup != NULL && o->save_t < o->g.world) {
+        uint32_t c = recv_chunk(o, o->save_t);
+        if (o->save_j >= o->chunk_nslices[c]) {
+            o->save_t++;
+            o->save_j = 0;
+            continue;
+        }
+        if (try_save(o, c, o->save_j++)) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
 void
 pccl__ring_op_save(pccl__ring_op *o)
 {
-    uint32_t t, j, c;
-
-    if (o->backup == NULL) {
-        return;
-    }
-    /* The engine first writes chunk recv_chunk(0), then recv_chunk(1)... */
-    for (t = 0; t < o->g.world; t++) {
-        c = recv_chunk(o, t);
-        for (j = 0; j < o->chunk_nslices[c]; j++) {
-            (void)try_save(o, c, j);
-        }
+    while (pccl__ring_op_save_next(o)) {
     }
 }
 

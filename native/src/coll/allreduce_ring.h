@@ -49,6 +49,8 @@ typedef struct pccl__ring_op {
     uint8_t *work;          /* where results go: dst */
     uint8_t *backup;        /* in place: the input's saved copy, else NULL */
     uint8_t *saved;         /* in place: per slice, BK_* (atomic) */
+    uint32_t save_t;        /* the waiter's cursor (pccl__ring_op_save_next) */
+    uint32_t save_j;
     uint8_t *qbuf;          /* the caller's quantization buffer */
     double *qmin;           /* per slice of the whole tensor */
     double *qscale;
@@ -128,6 +130,10 @@ int pccl__ring_op_done(const pccl__ring_op *o);
  * the network.  Safe to call any number of times, from any thread, while
  * the op is alive.  No-op out of place. */
 void pccl__ring_op_save(pccl__ring_op *o);
+/* pccl__ring_op_save_next saves the next slice in that order (one
+ * memcpy at most); returns 0 once every slice is saved.  The waiter's
+ * thread only (it owns the cursor). */
+int pccl__ring_op_save_next(pccl__ring_op *o);
 
 /* pccl__ring_op_restore puts the input back after a failed in-place
  * operation: every saved slice is copied from the backup into dst (a

@@ -442,6 +442,10 @@ pccl_comm_create(const pccl_comm_config *cfg, pccl_comm **out)
     if ((rv = pccl__cond_init(&comm->cv)) != 0) {
         goto fail_mtx;
     }
+    if ((rv = pccl__mutex_init(&comm->plock)) != 0) {
+        pccl__cond_fini(&comm->cv);
+        goto fail_mtx;
+    }
     if ((rv = pccl__event_init(&comm->engine_wake)) != 0) {
         goto fail_cv;
     }
@@ -478,6 +482,7 @@ fail_ev2:
 fail_ev:
     pccl__event_fini(&comm->engine_wake);
 fail_cv:
+    pccl__mutex_fini(&comm->plock);
     pccl__cond_fini(&comm->cv);
 fail_mtx:
     pccl__mutex_fini(&comm->mtx);
@@ -578,6 +583,7 @@ comm_destroy(pccl_comm *comm)
     for (i = 0; i < 4; i++) {
         free(comm->cache[i].p);
     }
+    pccl__mutex_fini(&comm->plock);
     pccl__cond_fini(&comm->cv);
     pccl__mutex_fini(&comm->mtx);
     free(comm->secret);
@@ -941,10 +947,11 @@ pccl_comm_set_ring(pccl_comm *comm, const pccl_ring_config *ring)
 
 /* ------------------------------------------------------------ all-reduce */
 
-pccl_result
-pccl_comm_all_reduce_start(pccl_comm *comm, const void *src, void *dst, size_t count,
-                           pccl_dtype dtype, pccl_op op, pccl_quant quant, uint64_t tag,
-                           pccl_op_handle **out)
+/* Start an op; wake: signal the engine thread (not when the caller is
+ * about to wait and may drive the op itself). */
+static pccl_result
+start_op(pccl_comm *comm, const void *src, void *dst, size_t count, pccl_dtype dtype,
+         pccl_op op, pccl_quant quant, uint64_t tag, int wake, pccl_op_handle **out)
 {
     pccl_op_handle *h, *a;
     pccl__ring_geom g;
@@ -1051,13 +1058,23 @@ pccl_comm_all_reduce_start(pccl_comm *comm, const void *src, void *dst, size_t c
             comm->subq_tail->qnext = h;
         } else {
             comm->subq_head = h;
-            pccl__engine_wake(comm);
+            if (wake) {
+                pccl__engine_wake(comm);
+            }
         }
         comm->subq_tail = h;
     }
     pccl__mutex_unlock(&comm->mtx);
     *out = h;
     return PCCL_OK;
+}
+
+pccl_result
+pccl_comm_all_reduce_start(pccl_comm *comm, const void *src, void *dst, size_t count,
+                           pccl_dtype dtype, pccl_op op, pccl_quant quant, uint64_t tag,
+                           pccl_op_handle **out)
+{
+    return start_op(comm, src, dst, count, dtype, op, quant, tag, 1, out);
 }
 
 /* A finished op failed: put an in-place input back (once). */
@@ -1083,8 +1100,11 @@ pccl_op_wait(pccl_op_handle *h, int32_t timeout_ms, pccl_reduce_info *info)
     comm = h->comm;
     if (!__atomic_load_n(&h->finished, __ATOMIC_ACQUIRE)) {
         deadline = pccl__deadline_ms(timeout_ms);
-        /* Rather than sleep at once, save the input ahead of the engine. */
-        pccl__ring_op_save(&h->ring);
+        if (!pccl__engine_drive(comm, h, deadline)) {
+            /* The engine thread runs the op: rather than sleep at once,
+             * save the input ahead of it. */
+            pccl__ring_op_save(&h->ring);
+        }
         pccl__mutex_lock(&comm->mtx);
         while (h->state != PCCL__OP_DONE) {
             if (pccl__cond_wait_until(&comm->cv, &comm->mtx, deadline) == PCCL_ETIMEDOUT &&
@@ -1164,8 +1184,8 @@ pccl_comm_all_reduce(pccl_comm *comm, const void *src, void *dst, size_t count,
     pccl_op_handle *h;
     pccl_result rv;
 
-    if ((rv = pccl_comm_all_reduce_start(comm, src, dst, count, dtype, op, quant, tag, &h)) !=
-        0) {
+    /* No wake-up: pccl_op_wait drives the op on this thread if it can. */
+    if ((rv = start_op(comm, src, dst, count, dtype, op, quant, tag, 0, &h)) != 0) {
         return rv;
     }
     rv = pccl_op_wait(h, timeout_ms, info);

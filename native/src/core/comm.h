@@ -159,6 +159,7 @@ struct pccl_comm {
 
     /* the engine */
     pccl__thread engine;
+    pccl__mutex plock;           /* held by whoever drives the engine */
     pccl__poller poller;
     /* (engine) */
     pccl__ring_install *ering;   /* live ring or NULL */
@@ -173,6 +174,12 @@ struct pccl_comm {
 /* engine.c */
 pccl_result pccl__engine_start(pccl_comm *comm);
 void pccl__engine_join(pccl_comm *comm);
+/* pccl__engine_drive lets a thread about to wait for h run the engine
+ * itself until h finishes or deadline passes, if the engine thread is
+ * idle (plock free) and no requests other than ops are pending.  Returns
+ * 0 when it did not (the caller then waits as usual; the engine thread
+ * has been woken).  mtx not held. */
+int pccl__engine_drive(pccl_comm *comm, pccl_op_handle *h, uint64_t deadline);
 /* pccl__engine_wake signals the engine (caller may hold mtx). */
 void pccl__engine_wake(pccl_comm *comm);
 

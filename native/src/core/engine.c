@@ -528,74 +528,207 @@ handle_requests(pccl_comm *comm)
     return 0;
 }
 
+/* One wait on the poller (at most until `deadline`, or the progress
+ * deadline of the ops in flight) and the handling of what it reported:
+ * socket events, finished ops, the progress timeout.  *wake is set when
+ * the wake-up event fired (requests are waiting: handle_requests).
+ * Returns the number of socket events handled.  plock held. */
+static int
+poll_once(pccl_comm *comm, uint64_t deadline, int *wake)
+{
+    pccl__poll_event ev[64];
+    pccl__ring_install *ring_at_start;
+    int n, i, nsock = 0;
+
+    *wake = 0;
+    if (comm->eops != NULL && comm->progress_timeout_ms >= 0) {
+        uint64_t pd = comm->last_progress + (uint64_t)comm->progress_timeout_ms * 1000000u;
+        if (pd < deadline) {
+            deadline = pd;
+        }
+    }
+    if (pccl__poller_wait(&comm->poller, ev, 64, pccl__poll_timeout_ms(deadline), &n) != 0) {
+        n = 0;
+        pccl__sleep_ms(1);
+    }
+    ring_at_start = comm->ering;
+    for (i = 0; i < n; i++) {
+        pccl__conn *c;
+        if (ev[i].ptr == (void *)&comm->engine_wake) {
+            *wake = 1;
+            continue;
+        }
+        nsock++;
+        if (comm->ering == NULL || comm->ering != ring_at_start) {
+            continue; /* the ring broke during this batch */
+        }
+        c = ev[i].ptr;
+        if (c->fd < 0 || !c->registered) {
+            continue;
+        }
+        if (c->outbound) {
+            if (ev[i].flags & PCCL__POLL_OUT) {
+                flush(comm, c);
+            }
+            if (comm->efail == 0 && (ev[i].flags & (PCCL__POLL_IN | PCCL__POLL_ERR))) {
+                probe_outbound(comm, c);
+            }
+        } else if (c->rstate == PCCL__RX_PARKED) {
+            if (ev[i].flags & PCCL__POLL_ERR) {
+                fail(comm, PCCL_EPEERLOST);
+            }
+        } else {
+            rx(comm, c);
+        }
+        if (comm->efail == 0) {
+            flush_dirty(comm);
+        }
+        if (comm->efail != 0) {
+            engine_break(comm, comm->efail, NULL);
+        }
+    }
+    complete_done_ops(comm);
+    if (comm->nclosed_conns > 0 && comm->eops == NULL && comm->ering != NULL) {
+        /* the ops that could still finish on a hung-up ring did */
+        engine_break(comm, PCCL_EPEERLOST, NULL);
+    }
+    if (comm->eops != NULL && comm->progress_timeout_ms >= 0 &&
+        pccl__clock_ns() >= comm->last_progress +
+                                (uint64_t)comm->progress_timeout_ms * 1000000u) {
+        engine_break(comm, PCCL_ETIMEDOUT, NULL);
+    }
+    return nsock;
+}
+
+/* The ring's sockets the idle engine watches for hang-ups; returns n. */
+static size_t
+idle_fds(pccl_comm *comm, int *fds)
+{
+    pccl__ring_install *r = comm->ering;
+    size_t n = 0;
+    uint32_t k;
+
+    for (k = 0; r != NULL && k < r->nlinks && n + 2 <= PCCL__MAX_HANGUP_FDS; k++) {
+        if (r->out[k].registered) {
+            fds[n++] = r->out[k].fd;
+        }
+        if (r->in[k].registered) {
+            fds[n++] = r->in[k].fd;
+        }
+    }
+    return n;
+}
+
+/* With no op in flight: if a socket of the ring is hung up, break the
+ * ring now (queued ops fail with it).  plock held. */
+static void
+hangup_check(pccl_comm *comm)
+{
+    int fds[PCCL__MAX_HANGUP_FDS];
+    size_t n = idle_fds(comm, fds);
+
+    if (n > 0 && pccl__poll_hangup(-1, fds, n, 0)) {
+        engine_break(comm, PCCL_EPEERLOST, NULL);
+    }
+}
+
+/* The engine thread.  Whoever holds plock drives progress: this thread
+ * whenever ops are in flight, or a thread blocked in pccl_op_wait that
+ * found the engine idle (pccl__engine_drive).  With nothing in flight the
+ * thread sleeps on the wake-up event and on hang-ups of the ring's
+ * sockets, not on their data, so a waiter can take over without waking
+ * it: a blocking all-reduce then costs no thread hand-off, and a peer
+ * that hangs up while nothing is in flight still breaks the ring at
+ * once.  (The socket list is copied under plock; a driver that replaces
+ * the ring wakes this thread so it watches the new one.) */
 static void
 engine_main(void *arg)
 {
     pccl_comm *comm = arg;
-    pccl__poll_event ev[64];
-    int n, i;
+    int requests = 1, idle = 0;
+    int fds[PCCL__MAX_HANGUP_FDS];
+    size_t nfds;
 
     for (;;) {
-        uint64_t deadline = PCCL__NO_DEADLINE;
-        int wake = 0;
-        pccl__ring_install *ring_at_start;
-
-        if (comm->eops != NULL && comm->progress_timeout_ms >= 0) {
-            deadline = comm->last_progress + (uint64_t)comm->progress_timeout_ms * 1000000u;
+        pccl__mutex_lock(&comm->plock);
+        if (idle && comm->eops == NULL) {
+            /* Woken while idle: a peer that hangs up on an idle ring
+             * makes it useless; say so before any queued op starts. */
+            hangup_check(comm);
         }
-        if (pccl__poller_wait(&comm->poller, ev, 64, pccl__poll_timeout_ms(deadline), &n) != 0) {
-            n = 0;
-            pccl__sleep_ms(1);
-        }
-        ring_at_start = comm->ering;
-        for (i = 0; i < n; i++) {
-            pccl__conn *c;
-            if (ev[i].ptr == (void *)&comm->engine_wake) {
-                wake = 1;
-                continue;
-            }
-            if (comm->ering == NULL || comm->ering != ring_at_start) {
-                continue; /* the ring broke during this batch */
-            }
-            c = ev[i].ptr;
-            if (c->fd < 0 || !c->registered) {
-                continue;
-            }
-            if (c->outbound) {
-                if (ev[i].flags & PCCL__POLL_OUT) {
-                    flush(comm, c);
-                }
-                if (comm->efail == 0 && (ev[i].flags & (PCCL__POLL_IN | PCCL__POLL_ERR))) {
-                    probe_outbound(comm, c);
-                }
-            } else if (c->rstate == PCCL__RX_PARKED) {
-                if (ev[i].flags & PCCL__POLL_ERR) {
-                    fail(comm, PCCL_EPEERLOST);
-                }
-            } else {
-                rx(comm, c);
-            }
-            if (comm->efail == 0) {
-                flush_dirty(comm);
-            }
-            if (comm->efail != 0) {
-                engine_break(comm, comm->efail, NULL);
-            }
-        }
-        if (wake && handle_requests(comm)) {
+        if (requests && handle_requests(comm)) {
+            pccl__mutex_unlock(&comm->plock);
             return;
         }
-        complete_done_ops(comm);
-        if (comm->nclosed_conns > 0 && comm->eops == NULL && comm->ering != NULL) {
-            /* the ops that could still finish on a hung-up ring did */
-            engine_break(comm, PCCL_EPEERLOST, NULL);
+        if (comm->eops == NULL) {
+            /* Idle.  handle_requests drained the event before it looked
+             * at the requests, so none can be missed. */
+            nfds = idle_fds(comm, fds);
+            pccl__mutex_unlock(&comm->plock);
+            (void)pccl__poll_hangup(comm->engine_wake.fd, fds, nfds, 1);
+            requests = 1;
+            idle = 1;
+            continue;
         }
-        if (comm->eops != NULL && comm->progress_timeout_ms >= 0 &&
-            pccl__clock_ns() >= comm->last_progress +
-                                    (uint64_t)comm->progress_timeout_ms * 1000000u) {
-            engine_break(comm, PCCL_ETIMEDOUT, NULL);
+        idle = 0;
+        (void)poll_once(comm, PCCL__NO_DEADLINE, &requests);
+        pccl__mutex_unlock(&comm->plock);
+    }
+}
+
+int
+pccl__engine_drive(pccl_comm *comm, pccl_op_handle *h, uint64_t deadline)
+{
+    pccl_op_handle *list;
+    pccl__ring_install *ring;
+    int wake = 0, save = h->ring.backup != NULL, handoff;
+
+    if (!pccl__mutex_trylock(&comm->plock)) {
+        return 0; /* the engine thread is busy: it will run h */
+    }
+    ring = comm->ering;
+    pccl__mutex_lock(&comm->mtx);
+    if (comm->closing || comm->req_install != NULL || comm->req_break != 0 ||
+        h->state == PCCL__OP_DONE) {
+        /* requests are the engine thread's business */
+        pccl__mutex_unlock(&comm->mtx);
+        pccl__mutex_unlock(&comm->plock);
+        pccl__engine_wake(comm);
+        return 0;
+    }
+    pccl__mutex_unlock(&comm->mtx);
+    if (comm->eops == NULL) {
+        hangup_check(comm); /* as the engine thread would, first */
+    }
+    pccl__mutex_lock(&comm->mtx);
+    list = comm->subq_head;
+    comm->subq_head = comm->subq_tail = NULL;
+    pccl__mutex_unlock(&comm->mtx);
+    start_ops(comm, list);
+    flush_dirty(comm);
+    if (comm->efail != 0) {
+        engine_break(comm, comm->efail, NULL);
+    }
+    complete_done_ops(comm);
+    while (!__atomic_load_n(&h->finished, __ATOMIC_ACQUIRE) && pccl__clock_ns() < deadline) {
+        /* While the network is quiet, save the input ahead of the engine
+         * (in place): one slice between two looks at the sockets. */
+        int nsock = poll_once(comm, save ? 0 : deadline, &wake);
+        if (wake) {
+            break; /* requests from another thread: hand over */
+        }
+        if (save && nsock == 0) {
+            save = pccl__ring_op_save_next(&h->ring);
         }
     }
+    /* Other ops, requests, or a broken ring (new sockets to watch) are
+     * the engine thread's. */
+    handoff = wake || comm->eops != NULL || comm->ering != ring;
+    pccl__mutex_unlock(&comm->plock);
+    if (handoff) {
+        pccl__engine_wake(comm);
+    }
+    return 1;
 }
 
 pccl_result

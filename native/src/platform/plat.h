@@ -59,6 +59,8 @@ typedef struct pccl__thread {
 pccl_result pccl__mutex_init(pccl__mutex *m);
 void pccl__mutex_fini(pccl__mutex *m);
 void pccl__mutex_lock(pccl__mutex *m);
+/* pccl__mutex_trylock takes m if it is free: 1, else 0 at once. */
+int pccl__mutex_trylock(pccl__mutex *m);
 void pccl__mutex_unlock(pccl__mutex *m);
 
 /* pccl__cond_init makes a condition variable timed on CLOCK_MONOTONIC. */
@@ -140,6 +142,12 @@ pccl_result pccl__sock_tune(int fd, int bufsize);
  * (1), the deadline passes (PCCL_ETIMEDOUT) or wake_fd is readable
  * (PCCL_EABORTED).  Error/hang-up count as ready. */
 pccl_result pccl__sock_wait(int fd, int want_write, uint64_t deadline, int wake_fd);
+/* pccl__poll_hangup looks for a hang-up or error on the n sockets in fds
+ * (n <= PCCL__MAX_HANGUP_FDS; data arriving on them does not count):
+ * block 0 looks without waiting, block 1 waits until there is one or
+ * wake_fd (>= 0) is readable.  Returns 1 if a socket is hung up. */
+enum { PCCL__MAX_HANGUP_FDS = 128 };
+int pccl__poll_hangup(int wake_fd, const int *fds, size_t n, int block);
 /* pccl__wait_readable waits until one of n (<= 8) descriptors is
  * readable (or errored) or the deadline passes (PCCL_ETIMEDOUT); *ready
  * gets bit i set for each ready fds[i]. */

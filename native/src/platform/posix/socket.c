@@ -327,6 +327,40 @@ pccl__sock_wait(int fd, int want_write, uint64_t deadline, int wake_fd)
     }
 }
 
+int
+pccl__poll_hangup(int wake_fd, const int *fds, size_t n, int block)
+{
+    struct pollfd pfd[PCCL__MAX_HANGUP_FDS + 1];
+    size_t i, m = 0;
+    int rv;
+
+    if (n > PCCL__MAX_HANGUP_FDS) {
+        n = PCCL__MAX_HANGUP_FDS;
+    }
+    for (i = 0; i < n; i++) {
+        pfd[m].fd = fds[i];
+#ifdef POLLRDHUP
+        pfd[m].events = POLLRDHUP;
+#else
+        pfd[m].events = 0; /* POLLHUP and POLLERR are always reported */
+#endif
+        pfd[m++].revents = 0;
+    }
+    if (wake_fd >= 0) {
+        pfd[m].fd = wake_fd;
+        pfd[m].events = POLLIN;
+        pfd[m++].revents = 0;
+    }
+    while ((rv = poll(pfd, (nfds_t)m, block ? -1 : 0)) < 0 && errno == EINTR) {
+    }
+    for (i = 0; rv > 0 && i < n; i++) {
+        if (pfd[i].revents != 0) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
 pccl_result
 pccl__wait_readable(const int *fds, int n, uint64_t deadline, uint32_t *ready)
 {

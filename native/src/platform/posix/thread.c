@@ -96,6 +96,12 @@ pccl__mutex_lock(pccl__mutex *m)
     pthread_mutex_lock(&m->m);
 }
 
+int
+pccl__mutex_trylock(pccl__mutex *m)
+{
+    return pthread_mutex_trylock(&m->m) == 0;
+}
+
 void
 pccl__mutex_unlock(pccl__mutex *m)
 {
