@@ -8,7 +8,8 @@ warm-up and a cosine decay) for the same number of inner steps T:
 * **diloco** - 4 peers (``examples/diloco_train.py`` processes, a real
   master in this process), batch B each, an outer Nesterov step every H
   inner steps;
-* **async** - the same with ``AsyncDiLoCo`` (one-step-delayed outer updates);
+* **async** - the same with ``AsyncDiLoCo`` (one-step-delayed outer updates),
+  with its own outer settings and ``deviation_feedback`` (``--async-*``);
 * **baseline** - one process, batch 4B, plain AdamW (``--no-diloco``), at
   each of ``--baseline-lrs``; the best one is the baseline (tuned a little);
 * **single** - one process at batch B, for reference.
@@ -23,8 +24,8 @@ numbers and how the defaults were chosen.  Results:
 ``benchmarks/out/diloco_convergence.json`` and ``.png``.  Run as a file
 from the repository root::
 
-    .venv/bin/python benchmarks/diloco_convergence.py --quick   # T = 300: ~1.5 min idle
-    .venv/bin/python benchmarks/diloco_convergence.py           # T = 3000: ~8 min idle (est.)
+    nice -n 19 .venv/bin/python benchmarks/diloco_convergence.py --quick  # T = 300
+    nice -n 19 .venv/bin/python benchmarks/diloco_convergence.py          # T = 3000, H = 25
 """
 
 from __future__ import annotations
@@ -43,9 +44,13 @@ ROOT = Path(__file__).resolve().parent.parent
 TRAIN = ROOT / "examples" / "diloco_train.py"
 OUT_DIR = Path(__file__).resolve().parent / "out"
 # Defaults chosen by the sweep in docs/diloco.md (Convergence).
-OUTER_STEPS = 60
+SYNC_EVERY = 25  # H
+OUTER_STEPS = 120  # T = 3000 inner steps
 OUTER_LR = 1.0
 OUTER_MOMENTUM = 0.5
+ASYNC_OUTER_LR = 1.0
+ASYNC_OUTER_MOMENTUM = 0.5
+ASYNC_DEVIATION_FEEDBACK = 0.5
 
 
 def parse_args() -> argparse.Namespace:
@@ -54,19 +59,29 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="short run (a smoke test, not the measurement)")
     p.add_argument("--peers", type=int, default=4)
-    p.add_argument("--sync-every", type=int, default=50, help="H")
-    p.add_argument("--outer-steps", type=int, help=f"T/H (default {OUTER_STEPS}; quick: 6)")
+    p.add_argument("--sync-every", type=int, default=SYNC_EVERY, help="H")
+    p.add_argument("--outer-steps", type=int, help=f"T/H (default {OUTER_STEPS}; quick: 12)")
     p.add_argument("--batch-size", type=int, default=16, help="B per DiLoCo peer")
     p.add_argument("--model", choices=["tiny", "small"], default="tiny")
     p.add_argument("--lr", type=float, default=3e-3,
                    help="inner AdamW peak learning rate of the DiLoCo peers")
-    p.add_argument("--baseline-lrs", default="3e-3,6e-3",
+    p.add_argument("--baseline-lrs", default="3e-3,4.5e-3,6e-3",
                    help="peak learning rates tried for the baseline (the best one counts)")
     p.add_argument("--schedule", choices=["cosine", "constant"], default="cosine",
                    help="inner schedule of every contender (after --warmup steps)")
     p.add_argument("--warmup", type=int, default=50)
-    p.add_argument("--outer-lr", type=float, default=OUTER_LR)
-    p.add_argument("--outer-momentum", type=float, default=OUTER_MOMENTUM)
+    p.add_argument("--outer-lr", type=float, default=OUTER_LR, help="DiLoCo's outer lr")
+    p.add_argument("--outer-momentum", type=float, default=OUTER_MOMENTUM,
+                   help="DiLoCo's outer Nesterov momentum")
+    p.add_argument("--async-outer-lr", type=float, default=ASYNC_OUTER_LR,
+                   help="async DiLoCo's outer lr (its update arrives one outer step late)")
+    p.add_argument("--async-outer-momentum", type=float, default=ASYNC_OUTER_MOMENTUM,
+                   help="async DiLoCo's outer Nesterov momentum")
+    p.add_argument("--async-deviation-feedback", type=float, default=ASYNC_DEVIATION_FEEDBACK,
+                   metavar="KAPPA", help="AsyncDiLoCo's deviation_feedback (0: the plain "
+                   "rebase x <- outer - g)")
+    p.add_argument("--async-lr", type=float,
+                   help="inner AdamW peak learning rate of the async peers (default: --lr)")
     p.add_argument("--quantize", choices=["none", "uint8"], default="none")
     p.add_argument("--skip-async", action="store_true")
     p.add_argument("--skip-single", action="store_true",
@@ -74,9 +89,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=OUT_DIR)
     a = p.parse_args()
-    a.outer_steps = a.outer_steps or (6 if a.quick else OUTER_STEPS)
+    a.outer_steps = a.outer_steps or (12 if a.quick else OUTER_STEPS)
     a.chars = 1_000_000
     a.baseline_lrs = [float(x) for x in a.baseline_lrs.split(",") if x]
+    if a.async_lr is None:
+        a.async_lr = a.lr
     if a.quick:
         a.baseline_lrs = a.baseline_lrs[:1]
     return a
@@ -113,11 +130,16 @@ def main() -> int:
     work = a.out / ("diloco_convergence" + ("_quick" if a.quick else ""))
     work.mkdir(parents=True, exist_ok=True)
     variants = ["diloco"] + ([] if a.skip_async else ["async"])
+    # Per variant: inner peak lr, outer lr, outer momentum.
+    settings = {"diloco": (a.lr, a.outer_lr, a.outer_momentum),
+                "async": (a.async_lr, a.async_outer_lr, a.async_outer_momentum)}
     steps = a.outer_steps * a.sync_every
     print(f"model {a.model}, {a.peers} peers x batch {a.batch_size} vs 1 x batch "
           f"{a.peers * a.batch_size}; T = {steps} inner steps, H = {a.sync_every}, "
-          f"{a.schedule} schedule; outer lr {a.outer_lr}, momentum {a.outer_momentum} "
-          f"(Nesterov); load {loadavg()}", flush=True)
+          f"{a.schedule} schedule; outer lr / Nesterov momentum {a.outer_lr} / "
+          f"{a.outer_momentum}, async {a.async_outer_lr} / {a.async_outer_momentum} "
+          f"(deviation feedback {a.async_deviation_feedback}); "
+          f"load {loadavg()}", flush=True)
     t0 = time.monotonic()
     procs: dict[str, subprocess.Popen] = {}
     masters = []
@@ -133,6 +155,7 @@ def main() -> int:
                  "--data-shard", "0", "--batch-size", str(batch), "--lr", str(lr)],
                 work / f"{name}.log")
         for variant in variants:
+            lr, outer_lr, outer_momentum = settings[variant]
             # Generous timeouts: on a loaded shared machine a peer (or this
             # process) can be starved for seconds; nothing is killed here.
             master = pccl.MasterNode(listen="127.0.0.1:0", heartbeat_timeout=30.0,
@@ -143,10 +166,11 @@ def main() -> int:
                 argv = [*common_args(a, work / variant), "--master", master.address,
                         "--world", str(a.peers), "--data-shard", str(i),
                         "--name", f"peer{i}", "--batch-size", str(a.batch_size),
-                        "--lr", str(a.lr), "--outer-lr", str(a.outer_lr),
-                        "--outer-momentum", str(a.outer_momentum), "--quantize", a.quantize]
+                        "--lr", str(lr), "--outer-lr", str(outer_lr),
+                        "--outer-momentum", str(outer_momentum), "--quantize", a.quantize]
                 if variant == "async":
-                    argv.append("--async")
+                    argv += ["--async", "--deviation-feedback",
+                             str(a.async_deviation_feedback)]
                 procs[f"{variant}/peer{i}"] = start(argv, work / f"{variant}-peer{i}.log")
         from tqdm import tqdm
 
@@ -184,7 +208,9 @@ def main() -> int:
         ok &= agree and val / base <= target
         results[variant] = {"final_val_loss": val, "ratio": val / base, "target": target,
                             "peers_agree": agree, "history": peers[0]["history"],
-                            "batch": a.batch_size, "lr": a.lr}
+                            "batch": a.batch_size, "lr": settings[variant][0],
+                            "outer_lr": settings[variant][1],
+                            "outer_momentum": settings[variant][2]}
     load_end = loadavg()
 
     print(f"\nvalidation loss after {steps} inner steps ({steps * a.batch_size} sequences "
@@ -192,7 +218,7 @@ def main() -> int:
     print(f"{'contender':<24} {'peers x batch':>13} {'peak lr':>8} {'val loss':>9} "
           f"{'/ baseline':>10} {'target':>7}  result")
     rows = [(n, 1, results[n]["batch"], results[n]["lr"]) for n in plain]
-    rows += [(v, a.peers, a.batch_size, a.lr) for v in variants]
+    rows += [(v, a.peers, a.batch_size, settings[v][0]) for v in variants]
     for name, n, batch, lr in rows:
         r = results[name]
         ratio = r["final_val_loss"] / base
@@ -242,8 +268,9 @@ def plot(results: dict, a: argparse.Namespace, best: str, path: Path) -> None:
                 label=f"{label}: {r['final_val_loss']:.3f} ({r['final_val_loss'] / base:.3f}x)")
     ax.set_xlabel("inner steps (same tokens per peer)")
     ax.set_ylabel("validation loss, nats/char (legend: final, 4x the windows)")
-    ax.set_title(f"DiLoCo convergence ({a.model} char-LM, outer lr {a.outer_lr}, "
-                 f"momentum {a.outer_momentum})")
+    ax.set_title(f"DiLoCo convergence ({a.model} char-LM; outer lr/momentum: "
+                 f"{a.outer_lr}/{a.outer_momentum}, async {a.async_outer_lr}/"
+                 f"{a.async_outer_momentum})", fontsize="medium")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()

@@ -76,6 +76,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="wire compression of the pseudo-gradients")
     algo.add_argument("--outer-lr", type=float, default=0.7)
     algo.add_argument("--outer-momentum", type=float, default=0.9)
+    algo.add_argument("--deviation-feedback", type=float, default=0.0, metavar="KAPPA",
+                      help="with --async: AsyncDiLoCo's deviation_feedback (where a peer "
+                      "continues after an outer step; docs/diloco.md, Convergence)")
     algo.add_argument("--no-diloco", action="store_true",
                       help="plain training without the outer optimizer (a baseline; alone only)")
     train = p.add_argument_group("training")
@@ -107,6 +110,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--no-diloco trains alone: no --master or --local")
     if args.chaos and not args.local:
         p.error("--chaos needs --local N")
+    if args.deviation_feedback and not args.async_:
+        p.error("--deviation-feedback needs --async")
     if args.warmup < 0 or not 0 <= args.min_lr_ratio <= 1:
         p.error("--warmup must be >= 0 and --min-lr-ratio in [0, 1]")
     return args
@@ -172,8 +177,10 @@ def train(args: argparse.Namespace) -> dict:
     diloco = None
     if not args.no_diloco:
         cls = AsyncDiLoCo if args.async_ else DiLoCo
+        extra = {"deviation_feedback": args.deviation_feedback} if args.async_ else {}
         diloco = cls(model, comm, opt, outer_lr=args.outer_lr, outer_momentum=args.outer_momentum,
-                     sync_every=args.sync_every, quantization=QUANTIZATION[args.quantize])
+                     sync_every=args.sync_every, quantization=QUANTIZATION[args.quantize],
+                     **extra)
 
     history: list[dict] = []
     outer_step = diloco.outer_step if diloco else 0
@@ -290,7 +297,7 @@ def local_job(args: argparse.Namespace) -> int:
               "--chars", str(args.chars), "--eval-batches", str(args.eval_batches),
               "--out-dir", out_dir, "--no-progress"]
     if args.async_:
-        common.append("--async")
+        common += ["--async", "--deviation-feedback", str(args.deviation_feedback)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     procs: dict[str, subprocess.Popen] = {}
     progress: dict[str, int] = {}

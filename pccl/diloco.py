@@ -386,14 +386,43 @@ class AsyncDiLoCo(DiLoCo):
     leaves the model at the final outer parameters.  Arguments as for
     :class:`DiLoCo`; docs/diloco.md has the derivation.
 
+    ``deviation_feedback`` (keyword only, κ in [0, 1), default 0: the rule
+    above) changes only where this peer continues:
+    ``outer - g_t + κ·d_t``, where ``d_t`` is how far this round's start
+    was from the mean start of the peers, tracked as
+    ``d_t = (Δ_{t-1} - g_{t-1}) + κ·d_{t-1}`` (``Δ_{t-1}`` the average
+    applied now, ``g_{t-1}`` this peer's own share of it; ``d_1 = 0``).
+    Why: with κ = 0 a peer's deviation from the mean follows
+    ``d_{t+1} = -c·d_t + noise``, where ``c`` is the fraction of a
+    deviation the inner steps undo in one round; along stiff directions
+    (``c`` near 1) the peers' deviations flip sign every outer step and
+    grow like a random walk instead of being averaged away, so the peers
+    train ever further from the outer parameters (docs/diloco.md,
+    Convergence).  With κ it is ``(κ - c)·d_t + noise``, bounded for every
+    ``c`` in [0, 1] (κ = 0.5: at most 4/3 of one round's noise variance).
+    ``d`` averages to 0 over the peers, so the outer parameters and their
+    updates are the same functions of the averaged pseudo-gradients as
+    with κ = 0, and alone (a world of one) ``d`` is exactly 0.  Costs two
+    more copies of the trainable parameters.
+
     The background reduction uses the communicator while ``step()`` is not
     running an outer step; do not call the communicator yourself between
     outer steps.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any):
+    def __init__(self, *args: Any, deviation_feedback: float = 0.0, **kwargs: Any):
+        if not 0 <= deviation_feedback < 1:
+            raise errors.InvalidArgumentError(
+                f"deviation_feedback must be in [0, 1), got {deviation_feedback!r}"
+            )
+        self.deviation_feedback = float(deviation_feedback)
         self._pending: _Reduction | None = None
         self._start: list[torch.Tensor] = []
+        # With deviation_feedback: this peer's own pseudo-gradient in the
+        # reduction in flight (the reduction averages its tensors in place),
+        # and d, this round's start minus the peers' mean start.
+        self._own_in_flight: list[torch.Tensor] | None = None
+        self._deviation: list[torch.Tensor] = []
         super().__init__(*args, **kwargs)
 
     def _init_shared(self) -> None:
@@ -401,6 +430,8 @@ class AsyncDiLoCo(DiLoCo):
         self._load_outer_into_model()
         with torch.no_grad():
             self._start = [t.clone() for t in self._outer]
+            if self.deviation_feedback:
+                self._deviation = [torch.zeros_like(t) for t in self._outer]
         # Every peer starts a reduction right after every sync.  Peers that
         # start together reduce nothing (no contributors); a newcomer takes
         # part in the reduction the others start at this outer step, without
@@ -410,18 +441,30 @@ class AsyncDiLoCo(DiLoCo):
     def _outer_step(self) -> OuterStepInfo:
         t0 = time.perf_counter()
         grads = self._pseudo_gradients(self._start)
+        pending, own = self._pending, self._own_in_flight
         applied, infos = self._apply_pending()
+        kappa = self.deviation_feedback
+        if kappa and applied and own is not None:
+            # d <- (average - own share) + kappa*d: where this round started
+            # relative to the peers' mean start.
+            with torch.no_grad():
+                for d, avg, g_own in zip(self._deviation, pending.grads, own, strict=True):
+                    d.mul_(kappa).add_(avg).sub_(g_own)
         self._counter += 1
         tx, rx = _bytes(infos)
         sync_tx, sync_rx, group = self._vote_and_sync()
         comm_seconds = time.perf_counter() - t0
         # Continue from the newest outer parameters plus this round's own
-        # progress.  (Before the launch: the reduction then owns ``grads``.)
+        # progress (plus kappa*d).  (Before the launch: the reduction then
+        # owns ``grads``.)
         with torch.no_grad():
-            for p, outer, g, start in zip(self._params, self._outer, grads, self._start,
-                                          strict=True):
+            for i, (p, outer, g, start) in enumerate(zip(self._params, self._outer, grads,
+                                                         self._start, strict=True)):
                 torch.sub(outer, g, out=start)
+                if kappa:
+                    start.add_(self._deviation[i], alpha=kappa)
                 p.copy_(start)
+            self._own_in_flight = [g.clone() for g in grads] if kappa else None
         self._launch(grads, contributes=True)
         return OuterStepInfo(
             outer_step=self.outer_step,

@@ -262,6 +262,14 @@ def test_async_world_of_one_with_identity_outer_step_is_plain_training():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("kappa", [-0.1, 1.0, 2.0])
+def test_async_deviation_feedback_out_of_range(kappa):
+    model = ConstGrad([0.0, 0.0, 0.0])
+    opt = torch.optim.SGD(model.parameters(), lr=0.25)
+    with pytest.raises(pccl.InvalidArgumentError, match="deviation_feedback"):
+        AsyncDiLoCo(model, None, opt, sync_every=2, deviation_feedback=kappa)
+
+
 def test_world_of_one_through_a_real_communicator():
     """A communicator alone in its run: the same bits as no communicator."""
     with pccl.MasterNode(listen="127.0.0.1:0") as master:
@@ -271,14 +279,18 @@ def test_world_of_one_through_a_real_communicator():
             assert_histories_equal(diloco_run(comm), by_hand_run())
 
 
-def test_async_applies_updates_exactly_one_step_late():
+@pytest.mark.parametrize("kappa", [0.0, 0.5])
+def test_async_applies_updates_exactly_one_step_late(kappa):
     # One peer, the ConstGrad model: every round's own progress is
     # -H*a*c = -[1, 2, 0.5] (H = 2, a = 1/4, c = [2, 4, 1]), so every
     # pseudo-gradient is g = [1, 2, 0.5].  Outer lr 1/2, no momentum: an
     # applied update moves the outer parameters by -[0.5, 1, 0.25].
+    # deviation_feedback changes nothing alone: a peer's deviation from
+    # the peers' mean start is then exactly 0.
     model = ConstGrad([0.0, 0.0, 0.0])
     opt = torch.optim.SGD(model.parameters(), lr=0.25)
-    diloco = AsyncDiLoCo(model, None, opt, outer_lr=0.5, outer_momentum=0.0, sync_every=2)
+    diloco = AsyncDiLoCo(model, None, opt, outer_lr=0.5, outer_momentum=0.0, sync_every=2,
+                         deviation_feedback=kappa)
     c = [2.0, 4.0, 1.0]
     g = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
     step = torch.tensor([0.5, 1.0, 0.25], dtype=torch.float64)
