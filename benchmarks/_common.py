@@ -285,11 +285,23 @@ def _die_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watchdog, name="parent-watchdog", daemon=True).start()
 
 
-def _worker_main(conn, rank: int, world: int, worker_cls, options: dict, parent_pid: int):
+def pin_cpus() -> list[int]:
+    """The CPUs ranks are pinned to, in order (rank r on cpus[r % n])."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return []
+
+
+def _worker_main(conn, rank: int, world: int, worker_cls, options: dict, parent_pid: int,
+                 cpu: int | None = None):
     # Ctrl-C reaches the whole process group: the parent handles it and
     # kills the workers, so a worker never dies half-way through a reply.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent(parent_pid)
+    if cpu is not None:
+        # Before the library starts any thread: they all inherit it.
+        os.sched_setaffinity(0, {cpu})
     worker = None
     mem = PeakMemory()
     idle_rss = rss_before_alloc = 0
@@ -356,8 +368,9 @@ class WorkerGroup:
     """
 
     def __init__(self, worker_cls, world: int, options: dict | None = None,
-                 name: str = "", start_timeout: float = 120.0):
+                 name: str = "", start_timeout: float = 120.0, pin: bool = False):
         self.world = world
+        cpus = pin_cpus() if pin else []
         self.name = name or worker_cls.__name__
         self.conns = []
         self.procs = []
@@ -367,7 +380,8 @@ class WorkerGroup:
                 parent_end, child_end = CTX.Pipe(duplex=True)
                 p = CTX.Process(
                     target=_worker_main,
-                    args=(child_end, rank, world, worker_cls, dict(options or {}), os.getpid()),
+                    args=(child_end, rank, world, worker_cls, dict(options or {}), os.getpid(),
+                          cpus[rank % len(cpus)] if cpus else None),
                     name=f"{self.name}-r{rank}",
                     daemon=True,
                 )

@@ -72,8 +72,9 @@ class PcclWorker:
         self.rank = rank
         self.world = world
         self.out_of_place = bool(options.get("out_of_place"))
+        extra = {"slice_bytes": int(options["slice"])} if options.get("slice") else {}
         self.ring = pccl.StaticRing(rank, world, listen="127.0.0.1:0",
-                                    p2p_connections=int(options["k"]))
+                                    p2p_connections=int(options["k"]), **extra)
         self.x = self.y = None
 
     def info(self) -> dict:
@@ -172,12 +173,12 @@ class Contender:
         self.error: str | None = None
         self.infos: list[dict] = []
 
-    def start(self, world: int, tmpdir: str) -> None:
+    def start(self, world: int, tmpdir: str, pin: bool = True) -> None:
         opts = dict(self.options)
         if self.kind == "gloo":
             # A fresh FileStore per group: no ports to pick, nothing left over.
             opts["store"] = os.path.join(tmpdir, f"gloo-{world}-{time.monotonic_ns()}")
-        self.group = c.WorkerGroup(self.worker_cls, world, opts, name=self.name)
+        self.group = c.WorkerGroup(self.worker_cls, world, opts, name=self.name, pin=pin)
         self.infos = self.group.infos
 
     def stop(self) -> None:
@@ -224,7 +225,7 @@ def run(args) -> dict:
             for ct in contenders:
                 ct.failures, ct.error = 0, None
                 try:
-                    ct.start(world, tmpdir)
+                    ct.start(world, tmpdir, pin=args.pin)
                     if ct.infos and "version" in ct.infos[0]:
                         versions[ct.kind] = ct.infos[0]["version"]
                 except c.BenchmarkError as e:
@@ -237,7 +238,8 @@ def run(args) -> dict:
                     # the machine's load hit them all alike.
                     shift = i % len(contenders)
                     order = contenders[shift:] + contenders[:shift]
-                    results += _measure_size(order, world, size, policy, args.rounds, tmpdir)
+                    results += _measure_size(order, world, size, policy, args.rounds, tmpdir,
+                                             args.pin)
             finally:
                 for ct in contenders:
                     ct.stop()
@@ -265,12 +267,12 @@ def _first_line(e: BaseException) -> str:
 
 
 def _measure_size(contenders: list[Contender], world: int, size: int, policy, rounds: int,
-                  tmpdir: str) -> list[dict]:
+                  tmpdir: str, pin: bool = True) -> list[dict]:
     rows, live = [], []
     for ct in contenders:
         if ct.group is None and ct.error is None:
             try:
-                ct.start(world, tmpdir)     # restart after an earlier failure
+                ct.start(world, tmpdir, pin)    # restart after an earlier failure
             except c.BenchmarkError as e:
                 ct.error = _first_line(e)
         if ct.group is not None:
@@ -395,12 +397,18 @@ def print_report(data: dict, rows: list[dict], args) -> None:
     m = data["machine"]
     methods = ", ".join(sorted({r["mem_method"] for r in data["results"] if r.get("mem_method")}))
     k_note = f"best K = fastest pccl of K in {sorted({args.k, *args.k_sweep})}. " if sweep else ""
+    cpus = c.pin_cpus()
+    pin_note = (f"Every contender's rank r runs pinned to CPU number r mod {len(cpus)} "
+                f"(CPUs {', '.join(map(str, cpus))}; --no-pin: the scheduler places them)."
+                if args.pin and cpus
+                else "Ranks not pinned to CPUs.")
     caption = (
         f"bus bandwidth GB/s = 2(n-1)/n * bytes / median time; float32 SUM, "
         f"{'in place' if data['in_place'] else 'out of place (pccl)'}. "
         f"Targets for >= 1 MiB: pccl/gloo >= {TARGET_GLOO}, pccl/floor >= {TARGET_FLOOR}.\n"
         f"{k_note}floor = best of {', '.join(args.floor)} per size "
         f"(raw TCP ring, no reduction).\n"
+        f"{pin_note}\n"
         f"+MiB = peak RSS during the ops minus RSS with the tensor resident, max over ranks "
         f"({methods or '-'}; 1.00x = one tensor); kept = pccl memory still resident after "
         f"the tensor is freed.\n"
@@ -478,6 +486,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--k-sweep", default=None,
                     help="also time pccl with these K and report the best; '' for none "
                          "[default: 1,4,8,16; --quick: none]")
+    ap.add_argument("--no-pin", dest="pin", action="store_false",
+                    help="do not pin rank r of every contender to CPU r mod ncpu (pinning "
+                    "keeps the scheduler from stacking both ends of a ring edge on one "
+                    "CPU after a pause, which halves any contender's speed at random)")
     ap.add_argument("--out-of-place", action="store_true",
                     help="pccl reduces into a separate out= array instead of in place")
     ap.add_argument("--floor", default=DEFAULT_FLOOR,

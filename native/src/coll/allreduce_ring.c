@@ -50,17 +50,18 @@
  *
  *  8. Buffers.  Results are written straight into dst.  Out of place
  *     nothing else is needed.  In place, dst is the input, and a failed
- *     operation must leave it as it was: each slice is copied to a
- *     backup buffer before its first write (the engine checks this when
- *     it accepts the slice's first frame), and restored from it on
- *     failure.  The copy is done ahead of the engine by the waiting
- *     thread (pccl__ring_op_save) in the order the engine will need the
- *     slices, so on success it costs no time on the critical path; a
- *     per-slice atomic state (not saved / being saved / saved) settles
- *     who copies.  In place, dst aliases src: the reduce-scatter computes
- *     work = received op work, which the kernels allow.  Reduce-scatter
- *     payloads land in a per-connection slice scratch buffer and are
- *     reduced at once.
+ *     operation must leave it as it was: each slice is saved to a backup
+ *     buffer before its first write and restored from it on failure.  The
+ *     reduce-scatter saves the slices it writes while it reduces them
+ *     (block by block, so the local operand is read from memory once);
+ *     chunk r, first written by the all-gather, is copied ahead of time
+ *     by the waiting thread (pccl__ring_op_save) while the network is
+ *     busy, or by the engine if it gets there first.  A per-slice atomic
+ *     state (not saved / being copied / claimed for the fused save /
+ *     saved) settles who copies.  In place, dst aliases src: the
+ *     reduce-scatter computes work = received op work, which the kernels
+ *     allow.  Reduce-scatter payloads land in a per-connection slice
+ *     scratch buffer and are reduced at once.
  *
  * Every received header is checked against this schedule: right dtype, op
  * and quantization, a step in range, an offset and count that are exactly
@@ -80,8 +81,14 @@
 #include "coll/quant.h"
 #include "platform/plat.h"
 
-/* Backup state of one slice (in-place operations). */
-enum { BK_NONE = 0, BK_BUSY = 1, BK_DONE = 2 };
+/* Backup state of one slice (in-place operations): not saved, being
+ * copied by some thread, claimed by the engine to be saved by the reduce
+ * that writes it (reduce-scatter), saved. */
+enum { BK_NONE = 0, BK_BUSY = 1, BK_FUSE = 2, BK_DONE = 3 };
+
+/* Bytes saved and reduced per step of the fused loop: small enough that
+ * the local operand is still in L1 when the reduce reads it again. */
+enum { FUSE_BLOCK = 8192 };
 
 /* (a - b) mod n for a, b < 2^32 and n >= 1. */
 static uint32_t
@@ -317,32 +324,59 @@ try_save(pccl__ring_op *o, uint32_t c, uint32_t j)
     return 1;
 }
 
-/* Engine: slice j of chunk c is about to be written. */
+/* Engine: slice j of chunk c is about to be written at step t.  A
+ * reduce-scatter slice (t < n-1) is claimed for the fused save in
+ * pccl__ring_op_received (the payload lands in scratch, so dst is not
+ * written before that); any other is copied now unless done already. */
 static void
-ensure_saved(pccl__ring_op *o, uint32_t c, uint32_t j)
+ensure_saved(pccl__ring_op *o, uint32_t t, uint32_t c, uint32_t j)
 {
-    const uint8_t *st = &o->saved[o->chunk_first[c] + j];
+    uint8_t *st = &o->saved[o->chunk_first[c] + j];
+    uint8_t expect = BK_NONE;
 
-    if (o->backup == NULL || try_save(o, c, j)) {
+    if (o->backup == NULL) {
+        return;
+    }
+    if (t < o->g.world - 1 &&
+        __atomic_compare_exchange_n(st, &expect, BK_FUSE, 0, __ATOMIC_ACQ_REL,
+                                    __ATOMIC_ACQUIRE)) {
+        return;
+    }
+    if (try_save(o, c, j)) {
         return;
     }
     /* Another thread is copying it: one slice, a few microseconds. */
-    while (__atomic_load_n(st, __ATOMIC_ACQUIRE) != BK_DONE) {
+    while (__atomic_load_n(st, __ATOMIC_ACQUIRE) == BK_BUSY) {
         pccl__thread_yield();
+    }
+}
+
+/* Reduce-scatter into an in-place tensor, saving the input on the way:
+ * backup = local; out = received op local, block by block so the local
+ * operand is read from memory once. */
+static void
+reduce_saving(pccl__ring_op *o, uint8_t *out, const uint8_t *scratch, const uint8_t *local,
+              size_t len, size_t byte_off)
+{
+    size_t per = FUSE_BLOCK / o->esize, done;
+
+    for (done = 0; done < len; done += per) {
+        size_t n = len - done < per ? len - done : per;
+        memcpy(o->backup + byte_off + done * o->esize, local + done * o->esize, n * o->esize);
+        pccl__reduce(out + done * o->esize, scratch + done * o->esize, local + done * o->esize,
+                     n, o->dtype, o->op);
     }
 }
 
 int
 pccl__ring_op_save_next(pccl__ring_op *o)
 {
-    /* The engine first writes chunk recv_chunk(0), then recv_chunk(1)... */
-    while (o->backup != NULL && o->save_t < o->g.world) {
-        uint32_t c = recv_chunk(o, o->save_t);
-        if (o->save_j >= o->chunk_nslices[c]) {
-            o->save_t++;
-            o->save_j = 0;
-            continue;
-        }
+    /* Only chunk r, which the engine first writes at all-gather step n-1
+     * without reducing into it; the others are saved by the fused
+     * reduce-scatter. */
+    uint32_t c = recv_chunk(o, o->g.world - 1);
+
+    while (o->backup != NULL && o->save_j < o->chunk_nslices[c]) {
         if (try_save(o, c, o->save_j++)) {
             return 1;
         }
@@ -481,7 +515,7 @@ pccl__ring_op_accept(pccl__ring_op *o, const pccl__frame_header *h, uint8_t *scr
     } else {
         *dst = o->work + h->offset * o->esize;
     }
-    ensure_saved(o, c, j); /* before the first write to this slice */
+    ensure_saved(o, h->step, c, j); /* before the first write to this slice */
     o->recv_seen[u] = 1;
     *len = h->length;
     *unit = (uint32_t)u;
@@ -504,10 +538,20 @@ pccl__ring_op_received(pccl__ring_op *o, uint32_t unit, const pccl__frame_header
 
     if (t < n - 1) {
         const uint8_t *local = o->src + off * o->esize;
+        int fuse = o->backup != NULL &&
+                   __atomic_load_n(&o->saved[gs], __ATOMIC_ACQUIRE) == BK_FUSE;
+        if (fuse && o->quant) {
+            memcpy(o->backup + off * o->esize, local, len * o->esize);
+        }
         if (o->quant) {
             pccl__dequant_reduce(out, scratch, local, len, h->qmin, h->qscale, o->dtype, o->op);
+        } else if (fuse) {
+            reduce_saving(o, out, scratch, local, len, off * o->esize);
         } else {
             pccl__reduce(out, scratch, local, len, o->dtype, o->op);
+        }
+        if (fuse) {
+            __atomic_store_n(&o->saved[gs], BK_DONE, __ATOMIC_RELEASE);
         }
         if (t == n - 2) {
             /* This peer owns chunk c: finalize it once, for everybody. */

@@ -49,8 +49,7 @@ typedef struct pccl__ring_op {
     uint8_t *work;          /* where results go: dst */
     uint8_t *backup;        /* in place: the input's saved copy, else NULL */
     uint8_t *saved;         /* in place: per slice, BK_* (atomic) */
-    uint32_t save_t;        /* the waiter's cursor (pccl__ring_op_save_next) */
-    uint32_t save_j;
+    uint32_t save_j;        /* the waiter's cursor (pccl__ring_op_save_next) */
     uint8_t *qbuf;          /* the caller's quantization buffer */
     double *qmin;           /* per slice of the whole tensor */
     double *qscale;
@@ -122,17 +121,19 @@ int pccl__ring_op_expects_on(const pccl__ring_op *o, uint32_t conn_index);
 int pccl__ring_op_done(const pccl__ring_op *o);
 
 /* In place, results are written straight into the caller's tensor, and
- * every slice is copied to the backup buffer before its first write, so
- * that a failed operation can put the input back.  The engine saves a
- * slice itself when it gets there first; pccl__ring_op_save lets a thread
- * that would otherwise sleep (the waiter) save the slices ahead of the
- * engine, in the order the engine will need them, so the copy overlaps
- * the network.  Safe to call any number of times, from any thread, while
- * the op is alive.  No-op out of place. */
+ * every slice is saved to the backup buffer before its first write, so
+ * that a failed operation can put the input back.  The reduce-scatter
+ * saves the slices it writes as it reduces them (the local operand is
+ * read once for both).  Chunk r, which this peer first writes when its
+ * all-gather data arrives, is copied by pccl__ring_op_save: a thread that
+ * would otherwise sleep (the waiter) calls it so the copy overlaps the
+ * network; the engine copies a slice itself if it gets there first.
+ * Safe to call any number of times, from any thread, while the op is
+ * alive.  No-op out of place. */
 void pccl__ring_op_save(pccl__ring_op *o);
-/* pccl__ring_op_save_next saves the next slice in that order (one
- * memcpy at most); returns 0 once every slice is saved.  The waiter's
- * thread only (it owns the cursor). */
+/* pccl__ring_op_save_next saves the next slice of chunk r (one memcpy
+ * at most); returns 0 once they are all saved.  The waiter's thread only
+ * (it owns the cursor). */
 int pccl__ring_op_save_next(pccl__ring_op *o);
 
 /* pccl__ring_op_restore puts the input back after a failed in-place

@@ -619,14 +619,24 @@ idle_fds(pccl_comm *comm, int *fds)
     return n;
 }
 
-/* With no op in flight: if a socket of the ring is hung up, break the
- * ring now (queued ops fail with it).  plock held. */
+/* With no op in flight or queued: if a socket of the ring is hung up,
+ * break the ring now.  (With ops queued, they start first: a peer that
+ * finished an op and closed may have sent all they need; if not, they
+ * fail when they need what will never come.)  plock held. */
 static void
 hangup_check(pccl_comm *comm)
 {
     int fds[PCCL__MAX_HANGUP_FDS];
-    size_t n = idle_fds(comm, fds);
+    size_t n;
+    int queued;
 
+    pccl__mutex_lock(&comm->mtx);
+    queued = comm->subq_head != NULL;
+    pccl__mutex_unlock(&comm->mtx);
+    if (comm->eops != NULL || queued) {
+        return;
+    }
+    n = idle_fds(comm, fds);
     if (n > 0 && pccl__poll_hangup(-1, fds, n, 0)) {
         engine_break(comm, PCCL_EPEERLOST, NULL);
     }
@@ -653,7 +663,7 @@ engine_main(void *arg)
         pccl__mutex_lock(&comm->plock);
         if (idle && comm->eops == NULL) {
             /* Woken while idle: a peer that hangs up on an idle ring
-             * makes it useless; say so before any queued op starts. */
+             * makes it useless; say so at once. */
             hangup_check(comm);
         }
         if (requests && handle_requests(comm)) {
@@ -684,7 +694,11 @@ pccl__engine_drive(pccl_comm *comm, pccl_op_handle *h, uint64_t deadline)
     int wake = 0, save = h->ring.backup != NULL, handoff;
 
     if (!pccl__mutex_trylock(&comm->plock)) {
-        return 0; /* the engine thread is busy: it will run h */
+        /* The engine thread holds it: busy with other ops, or on its way
+         * to sleep.  h may have been queued without a wake-up: wake it,
+         * or h could wait forever. */
+        pccl__engine_wake(comm);
+        return 0;
     }
     ring = comm->ering;
     pccl__mutex_lock(&comm->mtx);
@@ -696,11 +710,6 @@ pccl__engine_drive(pccl_comm *comm, pccl_op_handle *h, uint64_t deadline)
         pccl__engine_wake(comm);
         return 0;
     }
-    pccl__mutex_unlock(&comm->mtx);
-    if (comm->eops == NULL) {
-        hangup_check(comm); /* as the engine thread would, first */
-    }
-    pccl__mutex_lock(&comm->mtx);
     list = comm->subq_head;
     comm->subq_head = comm->subq_tail = NULL;
     pccl__mutex_unlock(&comm->mtx);
