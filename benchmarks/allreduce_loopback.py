@@ -193,7 +193,8 @@ def build_contenders(args) -> list[Contender]:
         ks = [args.k] + [k for k in args.k_sweep if k != args.k]
         for k in ks:
             out.append(Contender(f"pccl K={k}", "pccl", PcclWorker,
-                                 {"k": k, "out_of_place": args.out_of_place}))
+                                 {"k": k, "out_of_place": args.out_of_place,
+                                  "slice": args.slice_bytes}))
     if "gloo" in args.backends:
         out.append(Contender("gloo", "gloo", GlooWorker, {}))
     if "floor" in args.backends:
@@ -486,6 +487,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--k-sweep", default=None,
                     help="also time pccl with these K and report the best; '' for none "
                          "[default: 1,4,8,16; --quick: none]")
+    ap.add_argument("--slice-bytes", type=c.parse_size, default=None, metavar="BYTES",
+                    help="pccl's largest slice on the wire (default: the library's)")
     ap.add_argument("--no-pin", dest="pin", action="store_false",
                     help="do not pin rank r of every contender to CPU r mod ncpu (pinning "
                     "keeps the scheduler from stacking both ends of a ring edge on one "

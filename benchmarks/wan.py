@@ -93,9 +93,11 @@ class PcclWanWorker:
         self.rank, self.world = rank, world
         self.quant = (pccl.Quantization.UINT8_MINMAX if options.get("quant")
                       else pccl.Quantization.NONE)
+        extra = {"slice_bytes": int(options["slice"])} if options.get("slice") else {}
         self.ring = pccl.StaticRing(rank, world, listen="127.0.0.1:0",
                                     p2p_connections=int(options["k"]),
-                                    progress_timeout=options.get("progress_timeout", 120.0))
+                                    progress_timeout=options.get("progress_timeout", 120.0),
+                                    **extra)
         self.x = None
 
     def info(self) -> dict:
@@ -382,9 +384,10 @@ def run(args) -> dict:
     t_start = time.monotonic()
     try:
         with tempfile.TemporaryDirectory(prefix="pccl-wan-") as tmpdir:
-            configs = [(f"pccl K={k}", {"k": k}) for k in args.ks]
+            configs = [(f"pccl K={k}", {"k": k, "slice": args.slice_bytes}) for k in args.ks]
             if args.quant:
-                configs.append((f"pccl K={max(args.ks)} uint8", {"k": max(args.ks), "quant": 1}))
+                configs.append((f"pccl K={max(args.ks)} uint8",
+                                {"k": max(args.ks), "quant": 1, "slice": args.slice_bytes}))
             for name, opts in configs:
                 tag = name.replace(" ", "_")
 
@@ -559,6 +562,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "per-connection window): pccl with K connections vs gloo.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--world", type=int, default=4, help="peers")
+    ap.add_argument("--slice-bytes", type=c.parse_size, default=None, metavar="BYTES",
+                    help="pccl's largest slice on the wire (default: the library's)")
     ap.add_argument("--size", type=c.parse_size, default=None,
                     help="tensor bytes (float32) [64M; --quick 16M]")
     ap.add_argument("--ks", default=None,

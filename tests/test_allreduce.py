@@ -13,7 +13,7 @@ import pytest
 
 from pccl.testing import reference as ref
 
-# (world, K connections, slice bytes; None = the default 256 KiB).  With
+# (world, K connections, slice bytes; None = the default 1 MiB).  With
 # 4 KiB slices the 65537-element cases span many slices per chunk, so every
 # connection carries several; the configurations are ordered so that the
 # pooled rings are reused by the tests that follow.

@@ -86,7 +86,7 @@ typedef enum pccl_quant {
 enum pccl_limits {
     PCCL_MAX_CONNECTIONS = 64,           /* K, connections per neighbour */
     PCCL_DEFAULT_CONNECTIONS = 4,
-    PCCL_DEFAULT_SLICE_BYTES = 262144,   /* largest slice on the wire */
+    PCCL_DEFAULT_SLICE_BYTES = 1048576,  /* largest slice on the wire */
     PCCL_MIN_SLICE_BYTES = 4096,
     PCCL_MAX_SLICE_BYTES = 16777216,
     PCCL_DEFAULT_PROGRESS_TIMEOUT_MS = 60000,
