@@ -290,11 +290,12 @@ on_tick(void *arg)
 
 /* In-place and quantized ops need a tensor-sized buffer.  Allocating it
  * per op costs a page fault per 4 KiB (glibc maps large blocks fresh each
- * time), so finished ops leave their buffers here for the next ones: at
- * most four, the largest kept, and never more than BUF_CACHE_BYTES in all,
- * so an idle communicator does not hold several tensors' worth of memory. */
+ * time: 256 MiB in place ran at half speed that way), so finished ops
+ * leave their buffers here for the next ones: at most four, the largest
+ * kept, and never more than BUF_CACHE_BYTES in all, so an idle
+ * communicator holds at most about one large tensor's worth. */
 
-enum { BUF_CACHE_BYTES = 256u << 20 };
+#define BUF_CACHE_BYTES ((size_t)1 << 30)
 
 static size_t
 buf_cached_locked(const pccl_comm *comm)
@@ -338,42 +339,61 @@ buf_take(pccl_comm *comm, size_t size, size_t *cap)
     return p;
 }
 
-/* mtx held; returns what the caller must free (outside the lock). */
-static uint8_t *
-buf_give_locked(pccl_comm *comm, uint8_t *p, size_t cap)
+/* Buffers a cache update dropped: the caller frees them outside the lock
+ * (unmapping a large block takes a while). */
+typedef struct buf_drop {
+    uint8_t *p[5];
+    size_t n;
+} buf_drop;
+
+/* mtx held.  Keep p if it is among the largest that fit: smaller cached
+ * buffers are evicted to make room; p itself is dropped if every cached
+ * buffer is at least as large and there is no room. */
+static void
+buf_give_locked(pccl_comm *comm, uint8_t *p, size_t cap, buf_drop *drop)
 {
-    size_t i, small = 0;
+    size_t i, free_slot, small;
 
     if (p == NULL) {
-        return NULL;
+        return;
     }
     if (cap > BUF_CACHE_BYTES) {
-        return p;
+        drop->p[drop->n++] = p;
+        return;
     }
-    for (i = 0; i < 4; i++) {
-        if (comm->cache[i].p == NULL) {
-            if (buf_cached_locked(comm) + cap > BUF_CACHE_BYTES) {
-                break;
+    for (;;) {
+        free_slot = 4;
+        small = 4;
+        for (i = 0; i < 4; i++) {
+            if (comm->cache[i].p == NULL) {
+                free_slot = i;
+            } else if (small == 4 || comm->cache[i].size < comm->cache[small].size) {
+                small = i;
             }
-            comm->cache[i].p = p;
-            comm->cache[i].size = cap;
-            return NULL;
         }
-    }
-    for (i = 0; i < 4; i++) {
-        if (comm->cache[i].size < comm->cache[small].size) {
-            small = i;
+        if (free_slot < 4 && buf_cached_locked(comm) + cap <= BUF_CACHE_BYTES) {
+            comm->cache[free_slot].p = p;
+            comm->cache[free_slot].size = cap;
+            return;
         }
+        if (small == 4 || comm->cache[small].size >= cap) {
+            drop->p[drop->n++] = p;
+            return;
+        }
+        drop->p[drop->n++] = comm->cache[small].p;
+        comm->cache[small].p = NULL;
+        comm->cache[small].size = 0;
     }
-    /* Replace the smallest if that keeps the total within the bound. */
-    if (comm->cache[small].size < cap &&
-        buf_cached_locked(comm) - comm->cache[small].size + cap <= BUF_CACHE_BYTES) {
-        uint8_t *old = comm->cache[small].p;
-        comm->cache[small].p = p;
-        comm->cache[small].size = cap;
-        return old;
+}
+
+static void
+buf_drop_free(buf_drop *drop)
+{
+    size_t i;
+    for (i = 0; i < drop->n; i++) {
+        free(drop->p[i]);
     }
-    return p;
+    drop->n = 0;
 }
 
 /* ----------------------------------------------------------- lifecycle */
@@ -1031,11 +1051,11 @@ start_op(pccl_comm *comm, const void *src, void *dst, size_t count, pccl_dtype d
         rv = seq_take(&comm->seqs, tag, &seq);
     }
     if (rv != 0) {
-        uint8_t *f1 = buf_give_locked(comm, h->backup_buf, h->backup_cap);
-        uint8_t *f2 = buf_give_locked(comm, h->q_buf, h->q_cap);
+        buf_drop drop = {{NULL}, 0};
+        buf_give_locked(comm, h->backup_buf, h->backup_cap, &drop);
+        buf_give_locked(comm, h->q_buf, h->q_cap, &drop);
         pccl__mutex_unlock(&comm->mtx);
-        free(f1);
-        free(f2);
+        buf_drop_free(&drop);
         pccl__ring_op_fini(&h->ring);
         free(h);
         return rv;
@@ -1149,7 +1169,7 @@ pccl_result
 pccl_op_free(pccl_op_handle *h)
 {
     pccl_comm *comm;
-    uint8_t *f1, *f2;
+    buf_drop drop = {{NULL}, 0};
     int destroy;
 
     if (h == NULL) {
@@ -1162,13 +1182,12 @@ pccl_op_free(pccl_op_handle *h)
     restore_input(h);
     pccl__ring_op_fini(&h->ring);
     pccl__mutex_lock(&comm->mtx);
-    f1 = buf_give_locked(comm, h->backup_buf, h->backup_cap);
-    f2 = buf_give_locked(comm, h->q_buf, h->q_cap);
+    buf_give_locked(comm, h->backup_buf, h->backup_cap, &drop);
+    buf_give_locked(comm, h->q_buf, h->q_cap, &drop);
     comm->nhandles--;
     destroy = comm->freed && comm->nhandles == 0;
     pccl__mutex_unlock(&comm->mtx);
-    free(f1);
-    free(f2);
+    buf_drop_free(&drop);
     free(h);
     if (destroy) {
         comm_destroy(comm);
