@@ -159,6 +159,25 @@ send_frame(int fd, const pccl__frame_header *h, int with_payload)
     }
 }
 
+/* A communicator (rank 0) in a ring with fake f, with one all-reduce of
+ * COUNT floats (tag 0) started on it. */
+static pccl_comm *
+start_with_fake(fake *f, float *src, float *dst, pccl_op_handle **h)
+{
+    pccl_comm_config cfg;
+    pccl_comm *comm;
+
+    CHECK_OK(pccl_comm_config_init(&cfg));
+    cfg.listen_addr = "127.0.0.1:0";
+    cfg.p2p_connections = K;
+    cfg.progress_timeout_ms = 5000;
+    CHECK_OK(pccl_comm_create(&cfg, &comm));
+    fake_join(f, comm, 9);
+    CHECK_OK(pccl_comm_all_reduce_start(comm, src, dst, COUNT, PCCL_FLOAT32, PCCL_SUM,
+                                        PCCL_QUANT_NONE, 0, h));
+    return comm;
+}
+
 enum attack {
     GARBAGE,
     OVERSIZED,
@@ -174,7 +193,6 @@ enum attack {
 static void
 attack(enum attack a)
 {
-    pccl_comm_config cfg;
     pccl_comm *comm;
     fake f;
     float *src = calloc(COUNT, sizeof(float)), *dst = calloc(COUNT, sizeof(float));
@@ -183,14 +201,7 @@ attack(enum attack a)
     pccl_result rv;
     uint64_t t0;
 
-    CHECK_OK(pccl_comm_config_init(&cfg));
-    cfg.listen_addr = "127.0.0.1:0";
-    cfg.p2p_connections = K;
-    cfg.progress_timeout_ms = 5000;
-    CHECK_OK(pccl_comm_create(&cfg, &comm));
-    fake_join(&f, comm, 9);
-    CHECK_OK(pccl_comm_all_reduce_start(comm, src, dst, COUNT, PCCL_FLOAT32, PCCL_SUM,
-                                        PCCL_QUANT_NONE, 0, &h));
+    comm = start_with_fake(&f, src, dst, &h);
     good_header(&f, &fh);
     switch (a) {
     case GARBAGE: {
@@ -294,7 +305,6 @@ attack(enum attack a)
 static void
 graceful_close(void)
 {
-    pccl_comm_config cfg;
     pccl_comm *comm;
     fake f;
     float *src = calloc(COUNT, sizeof(float)), *dst = calloc(COUNT, sizeof(float));
@@ -303,14 +313,7 @@ graceful_close(void)
     pccl_result rv;
     uint64_t t0;
 
-    CHECK_OK(pccl_comm_config_init(&cfg));
-    cfg.listen_addr = "127.0.0.1:0";
-    cfg.p2p_connections = K;
-    cfg.progress_timeout_ms = 5000;
-    CHECK_OK(pccl_comm_create(&cfg, &comm));
-    fake_join(&f, comm, 9);
-    CHECK_OK(pccl_comm_all_reduce_start(comm, src, dst, COUNT, PCCL_FLOAT32, PCCL_SUM,
-                                        PCCL_QUANT_NONE, 0, &h));
+    comm = start_with_fake(&f, src, dst, &h);
     good_header(&f, &fh);
     fh1 = fh;
     /* Unit (step t, slice j) travels on connection (j + t) % K.
