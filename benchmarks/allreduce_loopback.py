@@ -346,6 +346,8 @@ def summarize(data: dict, default_pccl: str) -> list[dict]:
         p = row["pccl_GBps"]
         row["pccl_over_gloo"] = p / row["gloo_GBps"] if p and row["gloo_GBps"] else None
         row["pccl_over_floor"] = p / row["floor_GBps"] if p and row["floor_GBps"] else None
+        b = row["pccl_best_GBps"]
+        row["best_over_floor"] = b / row["floor_GBps"] if b and row["floor_GBps"] else None
         row["gloo_over_floor"] = (row["gloo_GBps"] / row["floor_GBps"]
                                   if row["gloo_GBps"] and row["floor_GBps"] else None)
         rows.append(row)
@@ -367,8 +369,10 @@ def print_report(data: dict, rows: list[dict], args) -> None:
     cols = ["world", "size", f"pccl K={args.k}"]
     if sweep:
         cols.append("best K")
-    cols += ["gloo", "floor", "pccl/gloo", "pccl/floor", "gloo/floor",
-             "pccl +MiB", "pccl kept", "gloo +MiB"]
+    cols += ["gloo", "floor", "pccl/gloo", "pccl/floor"]
+    if sweep:
+        cols.append("best/floor")
+    cols += ["gloo/floor", "pccl +MiB", "pccl kept", "gloo +MiB"]
     table, styles = [], []
     for r in rows:
         cells = [str(r["world"]), c.fmt_size(r["bytes"]), _num(r["pccl_GBps"])]
@@ -381,18 +385,20 @@ def print_report(data: dict, rows: list[dict], args) -> None:
                          if r["pccl_best_GBps"] else "-")
             st.append(None)
         cells += [_num(r["gloo_GBps"]), _num(r["floor_GBps"]),
-                  _num(r["pccl_over_gloo"], "{:.2f}x"), _num(r["pccl_over_floor"], "{:.2f}x"),
-                  _num(r["gloo_over_floor"], "{:.2f}x"),
+                  _num(r["pccl_over_gloo"], "{:.2f}x"), _num(r["pccl_over_floor"], "{:.2f}x")]
+        if sweep:
+            cells.append(_num(r["best_over_floor"], "{:.2f}x"))
+        cells += [_num(r["gloo_over_floor"], "{:.2f}x"),
                   _mem(r["pccl_extra_mem_MiB"], r["pccl_extra_mem_over_tensor"]),
                   _num(r["pccl_retained_MiB"], "{:.1f}"),
                   _mem(r["gloo_extra_mem_MiB"], r["gloo_extra_mem_over_tensor"])]
-        st += [None] * 8
+        st += [None] * (len(cells) - len(st))
         if r["bytes"] >= TARGET_FROM:
-            i = cols.index("pccl/gloo")
-            if r["pccl_over_gloo"] is not None:
-                st[i] = "green" if r["pccl_over_gloo"] >= TARGET_GLOO else "red"
-            if r["pccl_over_floor"] is not None:
-                st[i + 1] = "green" if r["pccl_over_floor"] >= TARGET_FLOOR else "red"
+            for col, key, target in (("pccl/gloo", "pccl_over_gloo", TARGET_GLOO),
+                                     ("pccl/floor", "pccl_over_floor", TARGET_FLOOR),
+                                     ("best/floor", "best_over_floor", TARGET_FLOOR)):
+                if col in cols and r[key] is not None:
+                    st[cols.index(col)] = "green" if r[key] >= target else "red"
         table.append(cells)
         styles.append(st)
     m = data["machine"]
