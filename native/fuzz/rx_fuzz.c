@@ -11,8 +11,9 @@
  * the place accept chose, pccl__ring_op_received (reduce, dequantize,
  * finalize, forward).  Frames the op emits are accounted as sent at once.
  * Checked besides "no crash / no UB / no overread": only documented codes
- * come back, and a frame is never accepted twice (the op never finishes
- * with more receives than it expects).
+ * come back, a frame is never accepted twice (the op never finishes with
+ * more receives than it expects), and an in-place op that does not finish
+ * gives the input back exactly (pccl__ring_op_restore) whatever it wrote.
  *
  * Built with -DRX_FUZZ_SEEDS it is instead a seed generator: it runs every
  * rank of the same configurations in memory and writes the exact stream
@@ -150,7 +151,8 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     pccl__conn conn;
     uint8_t *scratch;
     int sv[2];
-    size_t off = 0, expected_recvs;
+    size_t off = 0, expected_recvs, nbytes;
+    uint8_t *orig;
     pccl_result rv = PCCL_OK;
 
     if (size < 4 || size > (1u << 20)) {
@@ -164,9 +166,17 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         return 0;
     }
     expected_recvs = s.op.recvs_left;
+    nbytes = c.count * esizes[c.dtype];
+    orig = malloc(nbytes);
+    if (orig == NULL) {
+        rank_fini(&s);
+        return 0;
+    }
+    memcpy(orig, s.src, nbytes);
     scratch = malloc(PCCL_MIN_SLICE_BYTES);
     if (scratch == NULL || socketpair(AF_UNIX, SOCK_STREAM, 0, sv) != 0) {
         free(scratch);
+        free(orig);
         rank_fini(&s);
         return 0;
     }
@@ -214,7 +224,6 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                                        &s.op);
                 flush_sent(&s.op);
                 if (pccl__ring_op_done(&s.op)) {
-                    pccl__ring_op_commit(&s.op);
                     break;
                 }
             }
@@ -230,6 +239,14 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (s.op.recvs_left > expected_recvs) {
         __builtin_trap();
     }
+    if (s.dst == s.src && !pccl__ring_op_done(&s.op)) {
+        /* Failed in place: the input comes back bit for bit. */
+        pccl__ring_op_restore(&s.op);
+        if (memcmp(s.src, orig, nbytes) != 0) {
+            __builtin_trap();
+        }
+    }
+    free(orig);
     pccl__conn_fini(&conn);
     if (sv[0] >= 0) {
         close(sv[0]);
