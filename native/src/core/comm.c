@@ -339,10 +339,12 @@ buf_take(pccl_comm *comm, size_t size, size_t *cap)
     return p;
 }
 
-/* Buffers a cache update dropped: the caller frees them outside the lock
- * (unmapping a large block takes a while). */
+/* Buffers cache updates dropped: the caller frees them outside the lock
+ * (unmapping a large block takes a while).  One update drops at most 4
+ * (evictions, or fewer evictions and the buffer itself); an op returns
+ * two buffers. */
 typedef struct buf_drop {
-    uint8_t *p[5];
+    uint8_t *p[8];
     size_t n;
 } buf_drop;
 
