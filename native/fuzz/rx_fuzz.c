@@ -61,22 +61,22 @@ parse_cfg(const uint8_t *b, cfg *c)
 
 typedef struct rank_state {
     pccl__ring_op op;
-    uint8_t *src, *dst, *work, *qbuf;
+    uint8_t *src, *dst, *backup, *qbuf;
 } rank_state;
 
 static int
 rank_init(rank_state *s, const cfg *c, uint32_t rank, int in_place)
 {
     pccl__ring_geom g = {0, rank, c->world, c->nconns, PCCL_MIN_SLICE_BYTES};
-    size_t nbytes = c->count * esizes[c->dtype], work_b = 0, q_b = 0, i;
+    size_t nbytes = c->count * esizes[c->dtype], backup_b = 0, q_b = 0, i;
 
     memset(s, 0, sizeof(*s));
-    pccl__ring_op_buffers(&g, c->count, c->dtype, in_place, c->quant, &work_b, &q_b);
+    pccl__ring_op_buffers(&g, c->count, c->dtype, in_place, c->quant, &backup_b, &q_b);
     s->src = malloc(nbytes);
     s->dst = in_place ? s->src : malloc(nbytes);
-    s->work = work_b ? malloc(work_b) : NULL;
+    s->backup = backup_b ? malloc(backup_b) : NULL;
     s->qbuf = q_b ? malloc(q_b) : NULL;
-    if (s->src == NULL || s->dst == NULL || (work_b && !s->work) || (q_b && !s->qbuf)) {
+    if (s->src == NULL || s->dst == NULL || (backup_b && !s->backup) || (q_b && !s->qbuf)) {
         return -1;
     }
     /* Small integers: valid in every dtype (for floats the bit patterns
@@ -85,7 +85,7 @@ rank_init(rank_state *s, const cfg *c, uint32_t rank, int in_place)
         s->src[i] = (uint8_t)((i * 7 + rank) & 0x3f);
     }
     if (pccl__ring_op_init(&s->op, &g, s->src, s->dst, c->count, c->dtype, c->op, c->quant, 0,
-                           0, s->work, s->qbuf) != PCCL_OK) {
+                           0, s->backup, s->qbuf) != PCCL_OK) {
         return -1;
     }
     return 0;
@@ -99,7 +99,7 @@ rank_fini(rank_state *s)
         free(s->dst);
     }
     free(s->src);
-    free(s->work);
+    free(s->backup);
     free(s->qbuf);
 }
 

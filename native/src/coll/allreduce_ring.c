@@ -19,14 +19,14 @@
  *     reduce-scatter, steps t >= n-1 the all-gather.
  *
  *  3. Reduce-scatter.  A slice received at step t < n-1 is combined with
- *     the local input: work = received op src.  (Each chunk other than r
+ *     the local input: dst = received op src.  (Each chunk other than r
  *     is received exactly once in this phase, so src is read, never
  *     written, and the operand order is the same on every peer.)  At step
  *     n-2 the chunk received is r+1, now reduced over all n inputs: this
  *     peer owns it and finalizes it (AVG divides by n once).
  *
  *  4. All-gather.  The owner forwards its finished chunk; every later hop
- *     stores the slice verbatim (reading it straight into the work buffer)
+ *     stores the slice verbatim (reading it straight into dst)
  *     and forwards it.  Because exactly one peer finalizes each chunk and
  *     everybody else copies those bits, all peers end bit-identical.
  *
@@ -42,11 +42,11 @@
  *
  *  7. Quantization (UINT8_MINMAX, floating dtypes).  A reduce-scatter
  *     slice is quantized just before it is sent (min and scale travel in
- *     the frame header), and the receiver computes work = dequant(q) op
+ *     the frame header), and the receiver computes dst = dequant(q) op
  *     src.  The owner, after finalizing, quantizes its chunk and replaces
  *     its own copy with dequant(quant(x)), exactly what the others will
  *     decode.  All-gather slices are forwarded as the same bytes with the
- *     same min/scale (never re-quantized) and decoded into work.
+ *     same min/scale (never re-quantized) and decoded into dst.
  *
  *  8. Buffers.  Results are written straight into dst.  Out of place
  *     nothing else is needed.  In place, dst is the input, and a failed
@@ -59,7 +59,7 @@
  *     busy, or by the engine if it gets there first.  A per-slice atomic
  *     state (not saved / being copied / claimed for the fused save /
  *     saved) settles who copies.  In place, dst aliases src: the
- *     reduce-scatter computes work = received op work, which the kernels
+ *     reduce-scatter computes dst = received op dst, which the kernels
  *     allow.  Reduce-scatter payloads land in a per-connection slice
  *     scratch buffer and are reduced at once.
  *
@@ -193,7 +193,6 @@ pccl__ring_op_init(pccl__ring_op *o, const pccl__ring_geom *g, const void *src, 
     o->tag = tag;
     o->seq = seq;
     o->g = *g;
-    o->work = dst;
     (void)pccl_dtype_size(dtype, &o->esize);
     if (count == 0) {
         return PCCL_OK;
@@ -420,7 +419,7 @@ send_unit(pccl__ring_op *o, uint32_t t, uint32_t j, pccl__emit_fn emit, void *ar
     size_t len = o->chunk_len[c] - rel < o->slice_elems ? o->chunk_len[c] - rel : o->slice_elems;
     pccl__frame_out *f = &o->units[(size_t)t * o->max_slices + j];
     pccl__frame_header h;
-    const uint8_t *from = (t == 0) ? o->src : o->work;
+    const uint8_t *from = (t == 0) ? o->src : o->dst;
 
     memset(&h, 0, sizeof(h));
     h.kind = PCCL__FRAME_DATA;
@@ -513,7 +512,7 @@ pccl__ring_op_accept(pccl__ring_op *o, const pccl__frame_header *h, uint8_t *scr
         o->qscale[gs] = h->qscale;
         *dst = o->qbuf + h->offset;
     } else {
-        *dst = o->work + h->offset * o->esize;
+        *dst = o->dst + h->offset * o->esize;
     }
     ensure_saved(o, h->step, c, j); /* before the first write to this slice */
     o->recv_seen[u] = 1;
@@ -534,7 +533,7 @@ pccl__ring_op_received(pccl__ring_op *o, uint32_t unit, const pccl__frame_header
     size_t off = o->chunk_off[c] + rel;
     size_t len = o->chunk_len[c] - rel < o->slice_elems ? o->chunk_len[c] - rel : o->slice_elems;
     size_t gs = o->chunk_first[c] + j;
-    uint8_t *out = o->work + off * o->esize;
+    uint8_t *out = o->dst + off * o->esize;
 
     if (t < n - 1) {
         const uint8_t *local = o->src + off * o->esize;

@@ -46,7 +46,6 @@ typedef struct pccl__ring_op {
     pccl__ring_geom g;
 
     /* buffers */
-    uint8_t *work;          /* where results go: dst */
     uint8_t *backup;        /* in place: the input's saved copy, else NULL */
     uint8_t *saved;         /* in place: per slice, BK_* (atomic) */
     uint32_t save_j;        /* the waiter's cursor (pccl__ring_op_save_next) */

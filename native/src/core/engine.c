@@ -37,7 +37,7 @@ enum {
 };
 
 static void complete_done_ops(pccl_comm *comm);
-static void inbound_closed(pccl_comm *comm, pccl__conn *c);
+static void hung_up(pccl_comm *comm, pccl__conn *c);
 
 static void
 fail(pccl_comm *comm, pccl_result rv)
@@ -267,7 +267,7 @@ rx(pccl_comm *comm, pccl__conn *c)
             int at_boundary = c->rhdr_got == 0;
             if ((rv = pccl__conn_recv_header(c, &ready, &moved)) != 0) {
                 if (rv == PCCL_EPEERLOST && at_boundary && moved == 0) {
-                    inbound_closed(comm, c);
+                    hung_up(comm, c);
                 } else {
                     fail(comm, rv);
                 }
@@ -309,13 +309,16 @@ rx(pccl_comm *comm, pccl__conn *c)
     }
 }
 
-/* The peer hung up c, a connection we read from, between two frames.
- * A peer that finished its last op and closed does exactly that, and
- * its FIN on one connection can overtake data still queued on another:
- * ops that expect nothing more on c go on; the ring breaks once they
- * are done (engine_main), or now if an op needs c. */
+/* The peer hung up c: an inbound connection between two frames (a peer
+ * that finished its last op and closed does exactly that, and its FIN on
+ * one connection can overtake data still queued on another), or an
+ * outbound one (the peer never sends there).  c leaves the poller.  With
+ * nothing in flight the ring is useless: it breaks at once; so it does if
+ * an op still needs c (inbound: a unit scheduled on it; outbound: anything
+ * left to send).  Otherwise the ops go on, and the ring breaks once they
+ * are done (poll_once). */
 static void
-inbound_closed(pccl_comm *comm, pccl__conn *c)
+hung_up(pccl_comm *comm, pccl__conn *c)
 {
     pccl_op_handle *op;
 
@@ -323,12 +326,13 @@ inbound_closed(pccl_comm *comm, pccl__conn *c)
     comm->nclosed_conns++;
     pccl__poller_del(&comm->poller, c->fd);
     c->registered = 0;
-    if (comm->eops == NULL) {
+    if (comm->eops == NULL || (c->outbound && c->sq_head != NULL)) {
         fail(comm, PCCL_EPEERLOST);
         return;
     }
     for (op = comm->eops; op != NULL; op = op->enext) {
-        if (pccl__ring_op_expects_on(&op->ring, c->index)) {
+        if (c->outbound ? op->ring.sends_left > 0
+                        : pccl__ring_op_expects_on(&op->ring, c->index)) {
             fail(comm, PCCL_EPEERLOST);
             return;
         }
@@ -342,30 +346,13 @@ probe_outbound(pccl_comm *comm, pccl__conn *c)
 {
     uint8_t b;
     size_t got = 0;
-    pccl_op_handle *op;
     pccl_result rv = pccl__sock_read(c->fd, &b, 1, &got);
 
     if (rv == 0 && got == 1) {
         fail(comm, PCCL_EPROTO);
         return;
     }
-    c->peer_closed = 1;
-    comm->nclosed_conns++;
-    pccl__poller_del(&comm->poller, c->fd);
-    c->registered = 0;
-    /* Ops that still have to send cannot finish; ops only waiting for
-     * the previous rank might.  With nothing in flight the ring is
-     * useless from now on: say so at once. */
-    if (c->sq_head != NULL || comm->eops == NULL) {
-        fail(comm, PCCL_EPEERLOST);
-        return;
-    }
-    for (op = comm->eops; op != NULL; op = op->enext) {
-        if (op->ring.sends_left > 0) {
-            fail(comm, PCCL_EPEERLOST);
-            return;
-        }
-    }
+    hung_up(comm, c);
 }
 
 static void
