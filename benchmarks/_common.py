@@ -285,6 +285,12 @@ def _die_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watchdog, name="parent-watchdog", daemon=True).start()
 
 
+def slice_kwargs(options: dict) -> dict:
+    """``slice_bytes=`` for a pccl StaticRing when a worker's options set
+    ``slice`` (a benchmark's ``--slice-bytes``), else nothing."""
+    return {"slice_bytes": int(options["slice"])} if options.get("slice") else {}
+
+
 def pin_cpus() -> list[int]:
     """The CPUs ranks are pinned to, in order (rank r on cpus[r % n])."""
     try:

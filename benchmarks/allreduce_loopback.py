@@ -72,9 +72,8 @@ class PcclWorker:
         self.rank = rank
         self.world = world
         self.out_of_place = bool(options.get("out_of_place"))
-        extra = {"slice_bytes": int(options["slice"])} if options.get("slice") else {}
         self.ring = pccl.StaticRing(rank, world, listen="127.0.0.1:0",
-                                    p2p_connections=int(options["k"]), **extra)
+                                    p2p_connections=int(options["k"]), **c.slice_kwargs(options))
         self.x = self.y = None
 
     def info(self) -> dict:

@@ -93,11 +93,10 @@ class PcclWanWorker:
         self.rank, self.world = rank, world
         self.quant = (pccl.Quantization.UINT8_MINMAX if options.get("quant")
                       else pccl.Quantization.NONE)
-        extra = {"slice_bytes": int(options["slice"])} if options.get("slice") else {}
         self.ring = pccl.StaticRing(rank, world, listen="127.0.0.1:0",
                                     p2p_connections=int(options["k"]),
                                     progress_timeout=options.get("progress_timeout", 120.0),
-                                    **extra)
+                                    **c.slice_kwargs(options))
         self.x = None
 
     def info(self) -> dict:
