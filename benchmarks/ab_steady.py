@@ -53,7 +53,7 @@ from raw_tcp_ring import RawRingWorker  # noqa: E402
 
 KINDS = {"pccl": PcclWorker, "floor": RawRingWorker}
 PCCL_KEYS = {"k", "oop", "slice"}
-FLOOR_KEYS = {"connections", "sockbuf", "slice_bytes", "engine"}
+FLOOR_KEYS = {"connections", "sockbuf", "slice_bytes", "engine", "reduce"}
 
 
 @dataclass

@@ -22,6 +22,14 @@ Striping: with ``connections = K`` each chunk is split into K contiguous
 lanes and lane ``k`` travels on connection ``k`` to the next rank, each lane
 an independent pipeline with its own sender and receiver thread.
 
+Reducing variant (``reduce=1``, poll engine only): the reduce-scatter
+receives land in a scratch buffer and numpy adds each arrival into the
+buffer in place (``x += received``, whole float32s, forwarded as soon as
+added), so the result is a real SUM.  That is about the least a reducing
+ring can do (in place, no copy of the input kept, no framing): its
+distance from the plain floor is the price of the reduction itself on
+this machine.
+
 Run alone for a quick look: ``python benchmarks/raw_tcp_ring.py --help``.
 """
 
@@ -163,16 +171,23 @@ class _Lane:
 class _PollState:
     """Progress of one lane in the single-threaded engine."""
 
-    __slots__ = ("lane", "sends", "recvs", "si", "spos", "ri", "rpos", "got", "recv_before")
+    __slots__ = ("lane", "sends", "recvs", "si", "spos", "ri", "rpos", "got", "recv_before",
+                 "scratch", "nreduce", "done")
 
-    def __init__(self, lane: _Lane, sends: list, recvs: list):
+    def __init__(self, lane: _Lane, sends: list, recvs: list, scratch: memoryview | None = None,
+                 nreduce: int = 0):
         self.lane = lane
         self.sends = sends
         self.recvs = recvs
         self.si = self.spos = 0     # send segment, bytes sent in it
         self.ri = self.rpos = 0     # receive segment, bytes received in it
         self.got = 0                # receive-stream bytes so far
+        self.done = 0               # of which reduced (not reducing: all of them)
         self.recv_before = 0        # receive-stream offset of send segment si's source
+        # Reducing variant: the first nreduce receive segments (the
+        # reduce-scatter) land in scratch and are added into the buffer.
+        self.scratch = scratch
+        self.nreduce = nreduce if scratch is not None else 0
 
     def finished(self) -> bool:
         return self.si == len(self.sends) and self.ri == len(self.recvs)
@@ -184,22 +199,35 @@ class _PollState:
         rx, tx = self.lane.rx, self.lane.tx
         while self.ri < len(self.recvs):
             off, ln = self.recvs[self.ri]
+            reducing = self.ri < self.nreduce
+            into = self.scratch if reducing else mv
             try:
-                n = rx.recv_into(mv[off + self.rpos:off + ln])
+                n = rx.recv_into(into[off + self.rpos:off + ln])
             except BlockingIOError:
                 want[rx.fileno()] = select.POLLIN
                 break
             if n == 0:
                 raise ConnectionError("previous rank closed the connection")
             moved = True
+            if reducing:
+                # Add the whole float32s now complete: [a, b) of the segment
+                # (a float split across two reads is added after the second).
+                a = self.rpos - self.rpos % 4
+                b = ln if self.rpos + n == ln else (self.rpos + n) // 4 * 4
+                if b > a:
+                    x = np.frombuffer(mv[off + a:off + b], dtype=np.float32)
+                    np.add(x, np.frombuffer(into[off + a:off + b], dtype=np.float32), out=x)
+                self.done = self.got - self.rpos + b
             self.got += n
             self.rpos += n
+            if not reducing:
+                self.done = self.got
             if self.rpos == ln:
                 self.ri += 1
                 self.rpos = 0
         while self.si < len(self.sends):
             off, ln = self.sends[self.si]
-            avail = ln if self.si == 0 else min(ln, self.got - self.recv_before)
+            avail = ln if self.si == 0 else min(ln, self.done - self.recv_before)
             if avail <= self.spos:
                 break               # waiting for the previous rank
             try:
@@ -221,7 +249,9 @@ class RawRingWorker:
     """Benchmark worker (see ``_common``): the data-movement floor.
 
     options: ``connections`` (K lanes), ``sockbuf`` (SO_SNDBUF/SO_RCVBUF in
-    bytes, 0 = kernel autotuning), ``slice_bytes`` (forwarding granularity).
+    bytes, 0 = kernel autotuning), ``slice_bytes`` (forwarding granularity),
+    ``engine`` (threads or poll), ``reduce`` (1: sum float32 for real,
+    poll engine only).
     """
 
     def __init__(self, rank: int, world: int, options: dict):
@@ -233,6 +263,10 @@ class RawRingWorker:
         self.engine = options.get("engine", "threads")
         if self.engine not in ("threads", "poll"):
             raise ValueError(f"unknown engine {self.engine!r}")
+        self.reduce = str(options.get("reduce", "0")) not in ("0", "", "False")
+        if self.reduce and self.engine != "poll":
+            raise ValueError("reduce=1 needs engine=poll")
+        self.scratch: memoryview | None = None
         self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.listener.bind(("127.0.0.1", 0))
         self.listener.listen(self.k + 8)
@@ -303,6 +337,8 @@ class RawRingWorker:
         self.x.fill(0.0)
         self.mv = memoryview(self.x).cast("B")
         self.plan = ring_plan(self.mv.nbytes, self.rank, self.world, self.k)
+        if self.reduce:
+            self.scratch = memoryview(np.zeros(nbytes // 4, dtype=np.float32)).cast("B")
 
     def verify(self) -> str | None:
         """Chunk c starts at rank c and is forwarded verbatim around the
@@ -313,6 +349,12 @@ class RawRingWorker:
         self.run(1)
         err = None
         block = 1 << 16     # compare in blocks: no tensor-sized temporaries
+        if self.reduce:     # a real sum: every element is 1 + 2 + ... + world
+            want = self.world * (self.world + 1) // 2
+            if not all((x[b:b + block] == want).all() for b in range(0, x.size, block)):
+                err = f"not every element is the sum {want}"
+            x.fill(0.0)
+            return err
         for c, (off, ln) in enumerate(split(0, x.size, self.world, 1)):
             if not all((x[b:min(b + block, off + ln)] == c + 1).all()
                        for b in range(off, off + ln, block)):
@@ -343,7 +385,7 @@ class RawRingWorker:
         """The same byte movement on one thread with non-blocking sockets:
         no thread hand-offs, so less latency for small buffers."""
         mv = self.mv
-        states = [_PollState(lane, sends, recvs)
+        states = [_PollState(lane, sends, recvs, self.scratch, self.world - 1)
                   for lane, (sends, recvs) in zip(self.lanes, self.plan, strict=True)]
         poller = select.poll()
         registered: dict[int, int] = {}
@@ -379,6 +421,7 @@ class RawRingWorker:
     def free(self) -> None:
         self.x = None
         self.mv = None
+        self.scratch = None
         self.plan = []
 
     def close(self) -> None:

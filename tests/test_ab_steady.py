@@ -1,6 +1,6 @@
 """``benchmarks/ab_steady.py``: contender parsing, and one short real run
-(pccl and the floor, world 2) that must check results and print a row per
-contender."""
+(pccl, the floor and the reducing floor, world 3) that must check results
+and print a row per contender; plus the reducing floor's own check."""
 
 from __future__ import annotations
 
@@ -38,12 +38,31 @@ def test_parse_contender():
 
 
 def test_short_run_prints_every_contender():
-    cmd = [sys.executable, str(BENCHMARKS / "ab_steady.py"), "--world", "2", "--size", "64K",
-           "--rounds", "2", "--seconds", "0.002", "pccl:k=2,oop=1", "floor:connections=2"]
+    # World 3 and 64 KiB + 3 floats: chunks and lanes of unequal length.
+    # Each contender's result is checked before it is timed (the reducing
+    # floor's too: every element must be the sum 1 + 2 + 3).
+    labels = ["pccl:k=2,oop=1", "floor:connections=2", "floor:connections=3,engine=poll,reduce=1"]
+    cmd = [sys.executable, str(BENCHMARKS / "ab_steady.py"), "--world", "3", "--size", "65548",
+           "--rounds", "2", "--seconds", "0.002", *labels]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=100)
     assert r.returncode == 0, r.stderr
-    for label in ("pccl:k=2,oop=1", "floor:connections=2"):
+    for label in labels:
         row = [line for line in r.stdout.splitlines() if label in line]
         assert row, r.stdout
     bad = subprocess.run([*cmd[:2], "pccl:bogus=1"], capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and "unknown key 'bogus'" in bad.stderr
+
+
+def test_reducing_floor_sums(monkeypatch):
+    """The reducing floor's result is checked by every rank (verify() runs
+    in alloc: each element must be 1 + 2, else an error string)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))    # the workers import from there
+    import _common as c
+    from raw_tcp_ring import RawRingWorker
+
+    with c.WorkerGroup(RawRingWorker, 2, {"connections": 2, "engine": "poll", "reduce": 1},
+                       start_timeout=60) as g:
+        assert g.call("alloc", 4 * 1001, timeout=60) == [None, None]
+        g.call("run", 3, timeout=60)
+    with pytest.raises(ValueError, match="engine=poll"):
+        RawRingWorker(0, 2, {"engine": "threads", "reduce": 1})
