@@ -31,6 +31,9 @@
  * default round-to-nearest mode, as does all arithmetic here.
  */
 #include <string.h>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #include "coll/kernels.h"
 
@@ -436,4 +439,46 @@ pccl__avg_finalize(void *buf, size_t n, pccl_dtype dtype, uint32_t world)
     default:
         break;
     }
+}
+
+/* ---- cache-bypassing copy -------------------------------------------- */
+
+void
+pccl__copy_nt(void *to, const void *from, size_t len)
+{
+#if defined(__SSE2__)
+    uint8_t *d = to;
+    const uint8_t *s = from;
+    size_t head = (16u - ((uintptr_t)d & 15u)) & 15u;
+
+    if (len < 128) {
+        memcpy(to, from, len);
+        return;
+    }
+    memcpy(d, s, head);         /* up to the first 16-byte boundary of to */
+    d += head;
+    s += head;
+    len -= head;
+    for (; len >= 64; d += 64, s += 64, len -= 64) {
+        __m128i a = _mm_loadu_si128((const __m128i *)(const void *)s);
+        __m128i b = _mm_loadu_si128((const __m128i *)(const void *)(s + 16));
+        __m128i c = _mm_loadu_si128((const __m128i *)(const void *)(s + 32));
+        __m128i e = _mm_loadu_si128((const __m128i *)(const void *)(s + 48));
+        _mm_stream_si128((__m128i *)(void *)d, a);
+        _mm_stream_si128((__m128i *)(void *)(d + 16), b);
+        _mm_stream_si128((__m128i *)(void *)(d + 32), c);
+        _mm_stream_si128((__m128i *)(void *)(d + 48), e);
+    }
+    memcpy(d, s, len);
+#else
+    memcpy(to, from, len);
+#endif
+}
+
+void
+pccl__copy_nt_fence(void)
+{
+#if defined(__SSE2__)
+    _mm_sfence();
+#endif
 }

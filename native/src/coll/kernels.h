@@ -38,6 +38,17 @@ uint16_t pccl__float_to_bf16(float f);
 void pccl__halves_to_float(float *out, const uint16_t *in, size_t n, pccl_dtype dtype);
 void pccl__float_to_halves(uint16_t *out, const float *in, size_t n, pccl_dtype dtype);
 
+/* pccl__copy_nt copies len bytes like memcpy (no overlap), with stores
+ * that bypass the caches where the CPU has them (x86 SSE2 streaming
+ * stores; elsewhere plain memcpy).  For data written once and read only
+ * if something fails, like an in-place operation's backup of its input:
+ * it then neither evicts the working set nor reads the destination lines
+ * first.  Streaming stores are weakly ordered: call pccl__copy_nt_fence
+ * after the last copy and before publishing the bytes to another thread
+ * (e.g. by a release store). */
+void pccl__copy_nt(void *to, const void *from, size_t len);
+void pccl__copy_nt_fence(void);
+
 /* pccl__dtype_is_float is 1 for FLOAT32/64/16 and BFLOAT16. */
 int pccl__dtype_is_float(pccl_dtype dtype);
 
