@@ -54,7 +54,7 @@
  *     buffer before its first write and restored from it on failure
  *     (with cache-bypassing stores: the backup is read only on failure,
  *     and this way it does not push the working set out of the caches;
- *     3-6 % faster from 16 MiB up on the 2-core development machine).  The
+ *     3-7 % faster from 16 MiB up on the 2-core development machine).  The
  *     reduce-scatter saves the slices it writes while it reduces them
  *     (block by block, so the local operand is read from memory once);
  *     chunk r, first written by the all-gather, is copied ahead of time
