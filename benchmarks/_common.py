@@ -111,7 +111,7 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
-def _machine_cpu_seconds() -> tuple[float, float] | None:
+def machine_cpu_seconds() -> tuple[float, float] | None:
     """(busy, total) CPU-seconds of the whole machine since boot."""
     try:
         with open("/proc/stat") as f:
@@ -139,11 +139,11 @@ class ForeignLoad:
     on a shared machine are only as good as this number is small."""
 
     def __init__(self) -> None:
-        self.start_machine = _machine_cpu_seconds()
+        self.start_machine = machine_cpu_seconds()
         self.start_own = _own_cpu_seconds()
 
     def report(self) -> dict[str, float]:
-        end = _machine_cpu_seconds()
+        end = machine_cpu_seconds()
         if self.start_machine is None or end is None:
             return {}
         busy = end[0] - self.start_machine[0]
@@ -166,9 +166,9 @@ def wait_for_quiet(max_wait_s: float, busy_below: float = 0.15, window_s: float 
     deadline = time.monotonic() + max_wait_s
     frac = 1.0
     while True:
-        a = _machine_cpu_seconds()
+        a = machine_cpu_seconds()
         time.sleep(window_s)
-        b = _machine_cpu_seconds()
+        b = machine_cpu_seconds()
         if a is None or b is None:
             return 0.0
         frac = (b[0] - a[0]) / max(b[1] - a[1], 1e-9)

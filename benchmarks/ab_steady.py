@@ -36,6 +36,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import _common as c
 
@@ -111,7 +112,7 @@ def start_group(ct: Contender, world: int) -> c.WorkerGroup:
 
 
 def busy_cpu() -> float:
-    got = c._machine_cpu_seconds()
+    got = c.machine_cpu_seconds()
     return got[0] if got else float("nan")
 
 
@@ -128,14 +129,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=7, help="turns per contender (default 7)")
     ap.add_argument("--seconds", type=float, default=0.25,
                     help="approximate length of one turn at 5 GB/s (default 0.25)")
+    ap.add_argument("--json", type=Path, metavar="PATH",
+                    help="also write every turn's time and CPU per op, per contender")
     args = ap.parse_args(argv)
     try:
         size = c.parse_size(args.size)
         contenders = [parse_contender(t) for t in args.contenders]
     except ValueError as e:
         ap.error(str(e))
-    if args.world < 2 or size < 4 or args.rounds < 1 or args.seconds <= 0:
-        ap.error("need --world >= 2, --size >= 4 bytes, --rounds >= 1, --seconds > 0")
+    if args.world < 2 or size < 4 or size % 4 or args.rounds < 1 or args.seconds <= 0:
+        ap.error("need --world >= 2, --size >= 4 bytes and a multiple of 4 (float32), "
+                 "--rounds >= 1, --seconds > 0")
 
     c.install_cleanup()
     iters = max(3, int(args.seconds * 5e9 / size))
@@ -148,31 +152,37 @@ def main(argv: list[str] | None = None) -> int:
             if errors:
                 raise c.BenchmarkError(f"{ct.label}: wrong result: {errors[0]}")
             g.call("run", max(1, iters // 5), timeout=300)   # warm up
-        wall = {ct.label: [] for ct in contenders}
-        cpu = {ct.label: [] for ct in contenders}
+        # Per contender by position: the same contender may be given twice.
+        wall: list[list[float]] = [[] for _ in contenders]
+        cpu: list[list[float]] = [[] for _ in contenders]
         for r in range(args.rounds):
             print(f"\rround {r + 1}/{args.rounds}", end="", file=sys.stderr, flush=True)
-            for ct, g in zip(contenders, groups, strict=True):
+            for i, g in enumerate(groups):
                 c0, t0 = busy_cpu(), time.perf_counter()
                 g.call("run", iters, timeout=600)
-                wall[ct.label].append((time.perf_counter() - t0) / iters)
-                cpu[ct.label].append((busy_cpu() - c0) / iters)
+                wall[i].append((time.perf_counter() - t0) / iters)
+                cpu[i].append((busy_cpu() - c0) / iters)
         print(file=sys.stderr)
     finally:
         for g in groups:
             g.close()
 
-    ref = statistics.median(wall[contenders[-1].label])
+    ref = statistics.median(wall[-1])
     rows = []
-    for ct in contenders:
-        med = statistics.median(wall[ct.label])
-        rows.append([ct.label, f"{med * 1e6:.1f}", f"{min(wall[ct.label]) * 1e6:.1f}",
+    for ct, w, u in zip(contenders, wall, cpu, strict=True):
+        med = statistics.median(w)
+        rows.append([ct.label, f"{med * 1e6:.1f}", f"{min(w) * 1e6:.1f}",
                      f"{c.bus_bandwidth(size, args.world, med):.2f}",
-                     f"{statistics.median(cpu[ct.label]) * 1e6:.0f}", f"{ref / med:.2f}"])
+                     f"{statistics.median(u) * 1e6:.0f}", f"{ref / med:.2f}"])
     c.print_table(f"world {args.world}, {c.fmt_size(size)} float32, {iters} ops per turn, "
                   f"{args.rounds} turns",
                   ["contender", "median µs/op", "min µs/op", "bus GB/s", "CPU µs/op",
                    "speed vs last"], rows)
+    if args.json:
+        c.write_json(args.json, {
+            "world": args.world, "bytes": size, "ops_per_turn": iters,
+            "contenders": [{"label": ct.label, "wall_s": w, "cpu_s": u}
+                           for ct, w, u in zip(contenders, wall, cpu, strict=True)]})
     return 0
 
 

@@ -4,6 +4,7 @@ and print a row per contender; plus the reducing floor's own check."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -51,6 +52,24 @@ def test_short_run_prints_every_contender():
         assert row, r.stdout
     bad = subprocess.run([*cmd[:2], "pccl:bogus=1"], capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and "unknown key 'bogus'" in bad.stderr
+
+
+def test_same_contender_twice_keeps_two_sample_sets(tmp_path):
+    """Giving one contender twice is how to see the noise; each must keep
+    its own samples (they were merged under one label)."""
+    out = tmp_path / "ab.json"
+    cmd = [sys.executable, str(BENCHMARKS / "ab_steady.py"), "--world", "2", "--size", "64K",
+           "--rounds", "2", "--seconds", "0.002", "--json", str(out),
+           "floor:connections=1", "floor:connections=1"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=100)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(out.read_text())["contenders"]
+    assert [c["label"] for c in got] == ["floor:connections=1"] * 2
+    assert [len(c["wall_s"]) for c in got] == [2, 2]
+    assert [len(c["cpu_s"]) for c in got] == [2, 2]
+    odd = subprocess.run([sys.executable, str(BENCHMARKS / "ab_steady.py"), "--size", "65537",
+                          "floor:"], capture_output=True, text=True, timeout=30)
+    assert odd.returncode == 2 and "multiple of 4" in odd.stderr
 
 
 def test_reducing_floor_sums(monkeypatch):
