@@ -8,7 +8,12 @@ For each world size and float32 tensor size, in one run, this times
   rendezvous, loopback interface), ``dist.all_reduce(t)`` in place;
 * **floor**: a raw TCP ring that moves exactly the bytes of a ring
   all-reduce and reduces nothing (``raw_tcp_ring.py``); the best of its
-  configurations per size, i.e. the fastest this machine moves those bytes.
+  configurations per size, i.e. the fastest this machine moves those bytes;
+* **sum ring** (reference, not a target): the same raw ring that also
+  sums for real (numpy adds each reduce-scatter arrival into the buffer,
+  in place, no framing, no checks, no copy of the input kept).  It prices
+  the reduction alone: pccl/sum-ring is what pccl's machinery and its
+  input guarantee cost on top of summing.
 
 and reports bus bandwidth = 2(n-1)/n * bytes / time (median over timed
 samples), the ratios pccl/gloo and pccl/floor, and the extra peak RSS per
@@ -37,6 +42,7 @@ from raw_tcp_ring import RawRingWorker
 DEFAULT_SIZES = "64K,256K,1M,4M,16M,64M,256M"
 QUICK_SIZES = "64K,1M,16M"
 DEFAULT_FLOOR = "poll:1,poll:4,threads:1"
+DEFAULT_SUM_RING = "poll:4"
 DEFAULT_K_SWEEP = "1,4,8,16"
 TARGET_GLOO = 1.0       # issue 2: pccl >= 1.0x gloo for sizes >= 1 MiB
 TARGET_FLOOR = 0.85     # and >= 0.85x the floor
@@ -164,7 +170,7 @@ class Contender:
 
     def __init__(self, name: str, kind: str, worker_cls, options: dict):
         self.name = name
-        self.kind = kind            # "pccl", "gloo" or "floor"
+        self.kind = kind            # "pccl", "gloo", "floor" or "sum" (reducing floor)
         self.worker_cls = worker_cls
         self.options = options
         self.group: c.WorkerGroup | None = None
@@ -202,6 +208,11 @@ def build_contenders(args) -> list[Contender]:
             out.append(Contender(f"floor {engine} K={k or 1}", "floor", RawRingWorker,
                                  {"engine": engine, "connections": int(k or 1),
                                   "sockbuf": args.floor_sockbuf, "slice_bytes": args.floor_slice}))
+    if args.sum_ring:
+        k = args.sum_ring.partition(":")[2]
+        out.append(Contender(f"sum ring poll K={k or 1}", "sum", RawRingWorker,
+                             {"engine": "poll", "connections": int(k or 1), "reduce": 1,
+                              "sockbuf": args.floor_sockbuf, "slice_bytes": args.floor_slice}))
     return out
 
 
@@ -324,6 +335,7 @@ def summarize(data: dict, default_pccl: str) -> list[dict]:
         gloo = cs.get("gloo")
         floors = [r for r in cs.values() if r["kind"] == "floor" and ok(r)]
         floor = max(floors, key=lambda r: r["busbw_GBps"], default=None)
+        sums = [r for r in cs.values() if r["kind"] == "sum" and ok(r)]
         row = {
             "world": world,
             "bytes": size,
@@ -334,6 +346,7 @@ def summarize(data: dict, default_pccl: str) -> list[dict]:
             "gloo_GBps": gloo["busbw_GBps"] if ok(gloo) else None,
             "floor_GBps": floor["busbw_GBps"] if floor else None,
             "floor_config": floor["contender"] if floor else None,
+            "sum_ring_GBps": sums[0]["busbw_GBps"] if sums else None,
             "pccl_extra_mem_over_tensor": pccl["extra_mem_over_tensor"] if ok(pccl) else None,
             "pccl_extra_mem_MiB": pccl["extra_mem_max_MiB"] if ok(pccl) else None,
             "pccl_retained_MiB": (max(pccl["retained_after_free_bytes_per_rank"]) / c.MIB
@@ -349,6 +362,9 @@ def summarize(data: dict, default_pccl: str) -> list[dict]:
         row["best_over_floor"] = b / row["floor_GBps"] if b and row["floor_GBps"] else None
         row["gloo_over_floor"] = (row["gloo_GBps"] / row["floor_GBps"]
                                   if row["gloo_GBps"] and row["floor_GBps"] else None)
+        s = row["sum_ring_GBps"]
+        row["sum_ring_over_floor"] = s / row["floor_GBps"] if s and row["floor_GBps"] else None
+        row["pccl_over_sum_ring"] = p / s if p and s else None
         rows.append(row)
     return rows
 
@@ -371,7 +387,11 @@ def print_report(data: dict, rows: list[dict], args) -> None:
     cols += ["gloo", "floor", "pccl/gloo", "pccl/floor"]
     if sweep:
         cols.append("best/floor")
-    cols += ["gloo/floor", "pccl +MiB", "pccl kept", "gloo +MiB"]
+    cols.append("gloo/floor")
+    sums = any(r["sum_ring_GBps"] for r in rows)
+    if sums:
+        cols += ["sum/floor", "pccl/sum"]
+    cols += ["pccl +MiB", "pccl kept", "gloo +MiB"]
     table, styles = [], []
     for r in rows:
         cells = [str(r["world"]), c.fmt_size(r["bytes"]), _num(r["pccl_GBps"])]
@@ -387,8 +407,11 @@ def print_report(data: dict, rows: list[dict], args) -> None:
                   _num(r["pccl_over_gloo"], "{:.2f}x"), _num(r["pccl_over_floor"], "{:.2f}x")]
         if sweep:
             cells.append(_num(r["best_over_floor"], "{:.2f}x"))
-        cells += [_num(r["gloo_over_floor"], "{:.2f}x"),
-                  _mem(r["pccl_extra_mem_MiB"], r["pccl_extra_mem_over_tensor"]),
+        cells.append(_num(r["gloo_over_floor"], "{:.2f}x"))
+        if sums:
+            cells += [_num(r["sum_ring_over_floor"], "{:.2f}x"),
+                      _num(r["pccl_over_sum_ring"], "{:.2f}x")]
+        cells += [_mem(r["pccl_extra_mem_MiB"], r["pccl_extra_mem_over_tensor"]),
                   _num(r["pccl_retained_MiB"], "{:.1f}"),
                   _mem(r["gloo_extra_mem_MiB"], r["gloo_extra_mem_over_tensor"])]
         st += [None] * (len(cells) - len(st))
@@ -408,13 +431,16 @@ def print_report(data: dict, rows: list[dict], args) -> None:
                 f"(CPUs {', '.join(map(str, cpus))}; --no-pin: the scheduler places them)."
                 if args.pin and cpus
                 else "Ranks not pinned to CPUs.")
+    sum_note = (f"sum = the same raw ring summing for real ({args.sum_ring}; no framing, no "
+                f"checks, input not kept): the reduction's own price, a reference, not a "
+                f"target.\n" if sums else "")
     caption = (
         f"bus bandwidth GB/s = 2(n-1)/n * bytes / median time; float32 SUM, "
         f"{'in place' if data['in_place'] else 'out of place (pccl)'}. "
         f"Targets for >= 1 MiB: pccl/gloo >= {TARGET_GLOO}, pccl/floor >= {TARGET_FLOOR}.\n"
         f"{k_note}floor = best of {', '.join(args.floor)} per size "
         f"(raw TCP ring, no reduction).\n"
-        f"{pin_note}\n"
+        f"{sum_note}{pin_note}\n"
         f"+MiB = peak RSS during the ops minus RSS with the tensor resident, max over ranks "
         f"({methods or '-'}; 1.00x = one tensor); kept = pccl memory still resident after "
         f"the tensor is freed.\n"
@@ -503,6 +529,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--floor", default=DEFAULT_FLOOR,
                     help="floor configurations ENGINE:K (engine threads or poll); "
                          "the best per size is the floor")
+    ap.add_argument("--sum-ring", default=None, metavar="poll:K",
+                    help="also time the raw ring summing for real with K connections, a "
+                         "reference for the reduction's own price ('' for none) "
+                         f"[default: {DEFAULT_SUM_RING}; --quick: none]")
     ap.add_argument("--floor-sockbuf", type=c.parse_size, default=0,
                     help="floor SO_SNDBUF/SO_RCVBUF in bytes (0 = kernel autotuning)")
     ap.add_argument("--floor-slice", type=c.parse_size, default=256 * 1024,
@@ -539,6 +569,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.k_sweep = c.parse_list(args.k_sweep)
     args.floor = c.parse_list("poll:1" if q and args.floor == DEFAULT_FLOOR else args.floor,
                               str.strip)
+    if args.sum_ring is None:
+        args.sum_ring = "" if q else DEFAULT_SUM_RING
+    args.sum_ring = args.sum_ring.strip()
+    if args.sum_ring and (args.sum_ring.partition(":")[0] != "poll"
+                          or not args.sum_ring.partition(":")[2].strip().isdigit()):
+        ap.error(f"--sum-ring must be poll:K, got {args.sum_ring!r}")
     args.iters = args.iters or (5 if q else 20)
     args.min_iters = args.min_iters or (3 if q else 5)
     args.warmup = args.warmup or (1 if q else 3)
