@@ -42,7 +42,7 @@ from raw_tcp_ring import RawRingWorker
 DEFAULT_SIZES = "64K,256K,1M,4M,16M,64M,256M"
 QUICK_SIZES = "64K,1M,16M"
 DEFAULT_FLOOR = "poll:1,poll:4,threads:1"
-DEFAULT_SUM_RING = "poll:4"
+DEFAULT_SUM_RING = "poll:1,poll:4"
 DEFAULT_K_SWEEP = "1,4,8,16"
 TARGET_GLOO = 1.0       # issue 2: pccl >= 1.0x gloo for sizes >= 1 MiB
 TARGET_FLOOR = 0.85     # and >= 0.85x the floor
@@ -208,10 +208,10 @@ def build_contenders(args) -> list[Contender]:
             out.append(Contender(f"floor {engine} K={k or 1}", "floor", RawRingWorker,
                                  {"engine": engine, "connections": int(k or 1),
                                   "sockbuf": args.floor_sockbuf, "slice_bytes": args.floor_slice}))
-    if args.sum_ring:
-        k = args.sum_ring.partition(":")[2]
-        out.append(Contender(f"sum ring poll K={k or 1}", "sum", RawRingWorker,
-                             {"engine": "poll", "connections": int(k or 1), "reduce": 1,
+    for spec in args.sum_ring:
+        k = int(spec.partition(":")[2])
+        out.append(Contender(f"sum ring poll K={k}", "sum", RawRingWorker,
+                             {"engine": "poll", "connections": k, "reduce": 1,
                               "sockbuf": args.floor_sockbuf, "slice_bytes": args.floor_slice}))
     return out
 
@@ -336,6 +336,7 @@ def summarize(data: dict, default_pccl: str) -> list[dict]:
         floors = [r for r in cs.values() if r["kind"] == "floor" and ok(r)]
         floor = max(floors, key=lambda r: r["busbw_GBps"], default=None)
         sums = [r for r in cs.values() if r["kind"] == "sum" and ok(r)]
+        best_sum = max(sums, key=lambda r: r["busbw_GBps"], default=None)
         row = {
             "world": world,
             "bytes": size,
@@ -346,7 +347,8 @@ def summarize(data: dict, default_pccl: str) -> list[dict]:
             "gloo_GBps": gloo["busbw_GBps"] if ok(gloo) else None,
             "floor_GBps": floor["busbw_GBps"] if floor else None,
             "floor_config": floor["contender"] if floor else None,
-            "sum_ring_GBps": sums[0]["busbw_GBps"] if sums else None,
+            "sum_ring_GBps": best_sum["busbw_GBps"] if best_sum else None,
+            "sum_ring_config": best_sum["contender"] if best_sum else None,
             "pccl_extra_mem_over_tensor": pccl["extra_mem_over_tensor"] if ok(pccl) else None,
             "pccl_extra_mem_MiB": pccl["extra_mem_max_MiB"] if ok(pccl) else None,
             "pccl_retained_MiB": (max(pccl["retained_after_free_bytes_per_rank"]) / c.MIB
@@ -431,9 +433,9 @@ def print_report(data: dict, rows: list[dict], args) -> None:
                 f"(CPUs {', '.join(map(str, cpus))}; --no-pin: the scheduler places them)."
                 if args.pin and cpus
                 else "Ranks not pinned to CPUs.")
-    sum_note = (f"sum = the same raw ring summing for real ({args.sum_ring}; no framing, no "
-                f"checks, input not kept): the reduction's own price, a reference, not a "
-                f"target.\n" if sums else "")
+    sum_note = (f"sum = best of {', '.join(args.sum_ring)}: the same raw ring summing for real "
+                f"(no framing, no checks, input not kept), the reduction's own price; a "
+                f"reference, not a target.\n" if sums else "")
     caption = (
         f"bus bandwidth GB/s = 2(n-1)/n * bytes / median time; float32 SUM, "
         f"{'in place' if data['in_place'] else 'out of place (pccl)'}. "
@@ -529,9 +531,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--floor", default=DEFAULT_FLOOR,
                     help="floor configurations ENGINE:K (engine threads or poll); "
                          "the best per size is the floor")
-    ap.add_argument("--sum-ring", default=None, metavar="poll:K",
-                    help="also time the raw ring summing for real with K connections, a "
-                         "reference for the reduction's own price ('' for none) "
+    ap.add_argument("--sum-ring", default=None, metavar="poll:K,...",
+                    help="also time the raw ring summing for real with these K connections "
+                         "(the best per size is the reference for the reduction's own price; "
+                         "'' for none) "
                          f"[default: {DEFAULT_SUM_RING}; --quick: none]")
     ap.add_argument("--floor-sockbuf", type=c.parse_size, default=0,
                     help="floor SO_SNDBUF/SO_RCVBUF in bytes (0 = kernel autotuning)")
@@ -571,10 +574,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                               str.strip)
     if args.sum_ring is None:
         args.sum_ring = "" if q else DEFAULT_SUM_RING
-    args.sum_ring = args.sum_ring.strip()
-    if args.sum_ring and (args.sum_ring.partition(":")[0] != "poll"
-                          or not args.sum_ring.partition(":")[2].strip().isdigit()):
-        ap.error(f"--sum-ring must be poll:K, got {args.sum_ring!r}")
+    args.sum_ring = c.parse_list(args.sum_ring, str.strip)
+    for spec in args.sum_ring:
+        engine, _, k = spec.partition(":")
+        if engine != "poll" or not k.isdigit() or int(k) < 1:
+            ap.error(f"--sum-ring takes poll:K with K >= 1, got {spec!r}")
     args.iters = args.iters or (5 if q else 20)
     args.min_iters = args.min_iters or (3 if q else 5)
     args.warmup = args.warmup or (1 if q else 3)
