@@ -208,7 +208,7 @@ def build_contenders(args) -> list[Contender]:
             out.append(Contender(f"floor {engine} K={k or 1}", "floor", RawRingWorker,
                                  {"engine": engine, "connections": int(k or 1),
                                   "sockbuf": args.floor_sockbuf, "slice_bytes": args.floor_slice}))
-    for spec in args.sum_ring:
+    for spec in args.sum_ring if "floor" in args.backends else []:
         k = int(spec.partition(":")[2])
         out.append(Contender(f"sum ring poll K={k}", "sum", RawRingWorker,
                              {"engine": "poll", "connections": k, "reduce": 1,
@@ -534,7 +534,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--sum-ring", default=None, metavar="poll:K,...",
                     help="also time the raw ring summing for real with these K connections "
                          "(the best per size is the reference for the reduction's own price; "
-                         "'' for none) "
+                         "runs with the floor; '' for none) "
                          f"[default: {DEFAULT_SUM_RING}; --quick: none]")
     ap.add_argument("--floor-sockbuf", type=c.parse_size, default=0,
                     help="floor SO_SNDBUF/SO_RCVBUF in bytes (0 = kernel autotuning)")
