@@ -12,12 +12,13 @@ For each world size and float32 tensor size, in one run, this times
 * **sum ring** (reference, not a target): the same raw ring that also
   sums for real (numpy adds each reduce-scatter arrival into the buffer,
   in place, no framing, no checks, no copy of the input kept).  It prices
-  the reduction alone: pccl/sum-ring is what pccl's machinery and its
-  input guarantee cost on top of summing.
+  the reduction (and the Python loop's per-receive cost): pccl/sum is
+  roughly what pccl's machinery and its input guarantee add to summing.
 
 and reports bus bandwidth = 2(n-1)/n * bytes / time (median over timed
-samples), the ratios pccl/gloo and pccl/floor, and the extra peak RSS per
-process during the operations (max over ranks; "1.00x" = one tensor's size).
+samples), the ratios pccl/gloo, pccl/floor, sum/floor and pccl/sum, and
+the extra peak RSS per process during the operations (max over ranks;
+"1.00x" = one tensor's size).
 Every process runs on 127.0.0.1; listeners bind port 0.  Numbers go to
 ``benchmarks/out/allreduce_loopback.json`` (and a PNG plot when matplotlib
 is installed).
@@ -434,8 +435,8 @@ def print_report(data: dict, rows: list[dict], args) -> None:
                 if args.pin and cpus
                 else "Ranks not pinned to CPUs.")
     sum_note = (f"sum = best of {', '.join(args.sum_ring)}: the same raw ring summing for real "
-                f"(no framing, no checks, input not kept), the reduction's own price; a "
-                f"reference, not a target.\n" if sums else "")
+                f"(no framing, no checks, input not kept): what summing costs a minimal "
+                f"Python ring; a reference, not a target.\n" if sums else "")
     caption = (
         f"bus bandwidth GB/s = 2(n-1)/n * bytes / median time; float32 SUM, "
         f"{'in place' if data['in_place'] else 'out of place (pccl)'}. "

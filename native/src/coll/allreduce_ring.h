@@ -130,8 +130,8 @@ int pccl__ring_op_done(const pccl__ring_op *o);
  * Safe to call any number of times, from any thread, while the op is
  * alive.  No-op out of place. */
 void pccl__ring_op_save(pccl__ring_op *o);
-/* pccl__ring_op_save_next saves the next slice of chunk r (one memcpy
- * at most); returns 0 once they are all saved.  The waiter's thread only
+/* pccl__ring_op_save_next saves the next slice of chunk r (one slice
+ * copy at most); returns 0 once they are all saved.  The waiter's thread only
  * (it owns the cursor). */
 int pccl__ring_op_save_next(pccl__ring_op *o);
 
