@@ -175,7 +175,9 @@ def _check_value(value: Any, src: Hashable, dst: Hashable) -> float:
     try:
         v = float(value)
     except (TypeError, ValueError) as exc:
-        raise InvalidArgumentError(f"bandwidth {src!r}->{dst!r} is not a number: {value!r}") from exc
+        raise InvalidArgumentError(
+            f"bandwidth {src!r}->{dst!r} is not a number: {value!r}"
+        ) from exc
     if not math.isfinite(v) or v < 0:
         raise InvalidArgumentError(
             f"bandwidth {src!r}->{dst!r} must be finite and >= 0, got {value!r}"
@@ -206,7 +208,7 @@ def ring_bottleneck(ring: Sequence[Hashable], bw: Any) -> float:
     idx = _ring_indices(ring, ids)
     if len(idx) == 1:
         return math.inf
-    return float(min(mat[a, b] for a, b in zip(idx, idx[1:] + idx[:1])))
+    return float(min(mat[a, b] for a, b in _edges(idx)))
 
 
 def predicted_bus_bandwidth(ring: Sequence[Hashable], bw: Any) -> float:
@@ -220,6 +222,11 @@ def predicted_bus_bandwidth(ring: Sequence[Hashable], bw: Any) -> float:
     are left out (large messages).  0 if the ring uses an unusable edge;
     infinite for a single peer (nothing moves)."""
     return ring_bottleneck(ring, bw)
+
+
+def _edges(ring: Sequence[int]) -> list[tuple[int, int]]:
+    ring = list(ring)
+    return list(zip(ring, ring[1:] + ring[:1], strict=True))
 
 
 def _peers_hint(bw: Any, ring: Sequence[Hashable]) -> Sequence[Hashable] | None:
@@ -248,7 +255,7 @@ def _solution(
     tour = [int(v) for v in tour]
     start = tour.index(0)  # index 0 is the smallest id
     tour = tour[start:] + tour[:start]
-    edges = [(a, b) for a, b in zip(tour, tour[1:] + tour[:1])]
+    edges = _edges(tour)
     bottleneck = float(min(mat[a, b] for a, b in edges))
     assert bottleneck > 0, "solver produced a ring with an unusable edge"
     sum_inv = math.fsum(1.0 / mat[a, b] for a, b in edges)
@@ -322,9 +329,7 @@ def solve_ring(
         if result is not None:
             bottleneck, tour = result
             if tour is None:
-                return _infeasible(
-                    "no Hamiltonian cycle avoids the unusable edges", exact=True
-                )
+                return _infeasible("no Hamiltonian cycle avoids the unusable edges", exact=True)
             return _solution(ids, mat, tour, exact=True, reason="", upper_bound=bottleneck)
         fallback = "exact search would overrun the time limit; heuristic used"
     else:
@@ -549,25 +554,48 @@ class _Search:
             cur = nxt
         return np.array(tour, dtype=np.int64)
 
+    def swap_deltas(self, tour: np.ndarray, cost: np.ndarray, pos: int):
+        """Cost changes of every segment swap through the edge
+        tour[pos] -> tour[pos+1]: ``(delta, a)`` with ``delta[j-1, k-1]``
+        the change of turning ``a = B C D`` (the tour rotated so that the
+        edge is ``a[-1] -> a[0]``, B = a[:j], C = a[j:k], D = a[k:]) into
+        C B D; entries with j >= k are infinite."""
+        n = self.n
+        a = np.roll(tour, -(pos + 1))
+        last, first = a[-1], a[0]
+        term1 = cost[last, a[1:]] - cost[a[:-1], a[1:]]  # new a[-1] -> a[j]
+        term2 = cost[a[:-1], first] - cost[a[:-1], a[1:]]  # new a[k-1] -> a[0]
+        cross = cost[np.ix_(a[:-1], a[1:])]  # new a[j-1] -> a[k]
+        delta = term1[:, None] + term2[None, :] + cross - cost[last, first]
+        delta[np.tril_indices(n - 1)] = np.inf
+        return delta, a
+
+    @staticmethod
+    def apply_swap(a: np.ndarray, flat: int) -> np.ndarray:
+        j, k = divmod(flat, len(a) - 1)
+        j, k = j + 1, k + 1
+        return np.concatenate((a[j:k], a[:j], a[k:]))
+
     def best_swap(self, tour: np.ndarray, cost: np.ndarray, pos: int):
         """The best segment swap through the edge tour[pos] -> tour[pos+1]:
         ``(delta, new_tour)``."""
-        n = self.n
-        a = np.roll(tour, -(pos + 1))  # the anchor edge is a[n-1] -> a[0]
-        last, first = a[-1], a[0]
-        # j in 1..n-2 starts segment C, k in j+1..n-1 starts segment D
-        term1 = cost[last, a[1:]] - cost[a[:-1], a[1:]]  # index j-1
-        term2 = cost[a[:-1], first] - cost[a[:-1], a[1:]]  # index k-1
-        cross = cost[np.ix_(a[:-1], a[1:])]  # [j-1, k-1]: a[j-1] -> a[k]
-        delta = term1[:, None] + term2[None, :] + cross - cost[last, first]
-        delta[np.tril_indices(n - 1)] = np.inf  # need j < k
+        delta, a = self.swap_deltas(tour, cost, pos)
         flat = int(np.argmin(delta))
-        j, k = divmod(flat, n - 1)
-        j, k = j + 1, k + 1
-        d = float(delta[j - 1, k - 1])
+        d = float(delta.flat[flat])
         if not math.isfinite(d):
             return 0.0, tour
-        return d, np.concatenate((a[j:k], a[:j], a[k:]))
+        return d, self.apply_swap(a, flat)
+
+    def sideways(self, tour: np.ndarray, cost: np.ndarray) -> np.ndarray:
+        """A random segment swap through a random violated edge that adds no
+        violation (a step on the plateau of equal violation counts)."""
+        edge_cost = cost[tour, np.roll(tour, -1)]
+        pos = int(self.rng.choice(np.flatnonzero(edge_cost >= 1.0)))
+        delta, a = self.swap_deltas(tour, cost, pos)
+        cand = np.flatnonzero(delta.ravel() < 0.5)
+        if len(cand) == 0:
+            return self.perturb(tour)
+        return self.apply_swap(a, int(self.rng.choice(cand)))
 
     def descend(self, tour: np.ndarray, cost: np.ndarray, violations_only: bool):
         """Apply improving segment swaps until none is left (or time is up)."""
@@ -604,19 +632,90 @@ class _Search:
     def violations(self, tour: np.ndarray, threshold: float) -> int:
         return int((self.mat[tour, np.roll(tour, -1)] < threshold).sum())
 
-    def feasible_at(self, tour: np.ndarray, threshold: float, kicks: int) -> np.ndarray | None:
-        """Try to turn ``tour`` into a ring with every edge >= threshold."""
+    def feasible_at(
+        self, tour: np.ndarray, threshold: float, steps: int, budget: float
+    ) -> np.ndarray | None:
+        """Try to turn ``tour`` into a ring with every edge >= threshold:
+        descend, then up to ``steps`` plateau steps (each followed by a
+        descent) within ``budget`` seconds."""
         cost = self.costs(threshold)
+        stop = time.monotonic() + budget
         best = self.descend(tour, cost, violations_only=True)
         best_v = self.violations(best, threshold)
-        for _ in range(kicks):
-            if best_v == 0 or self.out_of_time():
+        cur = best
+        for _ in range(steps):
+            if best_v == 0 or self.out_of_time() or time.monotonic() > stop:
                 break
-            cand = self.descend(self.perturb(best), cost, violations_only=True)
-            v = self.violations(cand, threshold)
-            if v <= best_v:
-                best, best_v = cand, v
+            cur = self.descend(self.sideways(cur, cost), cost, violations_only=True)
+            v = self.violations(cur, threshold)
+            if v < best_v:
+                best, best_v = cur, v
         return best if best_v == 0 else None
+
+    def backtrack(self, threshold: float, max_nodes: int, budget: float) -> np.ndarray | None:
+        """Depth-first search for a ring over edges >= threshold from peer 0,
+        most constrained peer first (Warnsdorff), pruning a branch as soon
+        as an unvisited peer has no way in or no way out; gives up after
+        ``max_nodes`` expansions or ``budget`` seconds."""
+        n = self.n
+        ok = self.mat >= threshold
+        np.fill_diagonal(ok, False)
+        out_bits = [sum(1 << int(j) for j in np.flatnonzero(ok[i])) for i in range(n)]
+        in_bits = [sum(1 << int(i) for i in np.flatnonzero(ok[:, j])) for j in range(n)]
+        stop = time.monotonic() + budget
+        all_bits = (1 << n) - 1
+        path = [0]
+        unvisited = all_bits ^ 1
+        stack = [self._children(0, unvisited, out_bits)]
+        expanded = 0
+        while stack:
+            expanded += 1
+            if expanded > max_nodes or (expanded & 63 == 0 and time.monotonic() > stop):
+                return None
+            if self.out_of_time():
+                return None
+            children = stack[-1]
+            if not children:
+                stack.pop()
+                unvisited |= 1 << path.pop()
+                continue
+            v = children.pop()
+            rest = unvisited & ~(1 << v)
+            if rest == 0:
+                if out_bits[v] & 1:
+                    return np.array(path + [v], dtype=np.int64)
+                continue
+            # every peer left needs a way in (from v or the rest) and a way
+            # out (to the rest or back to peer 0)
+            ins, outs = rest | (1 << v), rest | 1
+            dead = False
+            r = rest
+            while r:
+                low = r & -r
+                u = low.bit_length() - 1
+                if not (in_bits[u] & ins) or not (out_bits[u] & outs):
+                    dead = True
+                    break
+                r ^= low
+            if dead:
+                continue
+            path.append(v)
+            unvisited = rest
+            stack.append(self._children(v, rest, out_bits))
+        return None
+
+    @staticmethod
+    def _children(v: int, unvisited: int, out_bits: list[int]) -> list[int]:
+        """Unvisited successors of v, the most constrained last (popped first)."""
+        cand = []
+        r = out_bits[v] & unvisited
+        while r:
+            low = r & -r
+            u = low.bit_length() - 1
+            cand.append((bin(out_bits[u] & unvisited).count("1"), u))
+            r ^= low
+        cand.sort(reverse=True)
+        return [u for _, u in cand]
 
     def polish(self, tour: np.ndarray, threshold: float, kicks: int) -> np.ndarray:
         """Shorten (sum of 1/bw) a violation-free ring, keeping it so."""
@@ -643,35 +742,48 @@ def _heuristic(
     n = mat.shape[0]
     if n <= 3:  # at most two directed rings: compare them
         rings = [[0, 1]] if n == 2 else [[0, 1, 2], [0, 2, 1]]
-        scored = [
-            (min(mat[a, b] for a, b in zip(r, r[1:] + r[:1])),
-             -sum(1 / mat[a, b] if mat[a, b] > 0 else math.inf
-                  for a, b in zip(r, r[1:] + r[:1])), r)
-            for r in rings
-        ]
-        b, _, r = max(scored)
-        return (r if b > 0 else None), False
+        feasible = [r for r in rings if all(mat[a, b] > 0 for a, b in _edges(r))]
+        if not feasible:
+            return None, False
+        best = max(
+            feasible,
+            key=lambda r: (
+                min(mat[a, b] for a, b in _edges(r)),
+                -sum(1 / mat[a, b] for a, b in _edges(r)),
+            ),
+        )
+        return best, False
     search = _Search(mat, seed, deadline)
     kicks = max(8, 4 * n) if n <= 32 else 8
+    steps = 20 * n
     values = np.unique(mat[mat > 0])
     values = values[values <= upper_bound]
+
+    def budget(tries_left: int) -> float:
+        # keep a fifth of the time for the tie-break polish
+        left = deadline - time.monotonic()
+        return max(0.0, 0.8 * left / max(1, tries_left))
+
+    tries = 2 + math.ceil(math.log2(len(values) + 1))
     # a first ring that avoids the unusable edges
-    tour = search.feasible_at(search.construct(values[0]), values[0], kicks)
+    tour = search.feasible_at(search.construct(values[0]), values[0], steps, budget(tries))
     if tour is None:
         return None, search.timed_out
     best_tour = tour
     lo = int(np.searchsorted(values, search.mat[tour, np.roll(tour, -1)].min()))
     hi = len(values) - 1
-    # the top threshold first (often reached on dense matrices), then bisect
+    # the top threshold first (often reached), then bisect
     first_try = True
     while lo < hi and not search.out_of_time():
+        tries = 1 + math.ceil(math.log2(hi - lo + 1))
         mid = hi if first_try else (lo + hi + 1) // 2
         first_try = False
         t = values[mid]
-        cand = search.feasible_at(best_tour, t, kicks)
+        cand = search.feasible_at(search.construct(t), t, 0, 0.0)
         if cand is None:
-            fresh = search.construct(t)
-            cand = search.feasible_at(fresh, t, kicks)
+            cand = search.backtrack(t, 50 * n, budget(tries) / 2)
+        if cand is None:
+            cand = search.feasible_at(best_tour, t, steps, budget(tries))
         if cand is not None:
             best_tour = cand
             got = search.mat[cand, np.roll(cand, -1)].min()
