@@ -324,7 +324,7 @@ def solve_ring(
     ub, proof = _upper_bound(mat)
     if ub == 0.0:
         return _infeasible(f"no ring avoids the unusable edges: {proof}", exact=True)
-    if n <= exact_max_n:
+    if n <= max(exact_max_n, 3):  # n <= 3: at most two rings, exact is instant
         result = _exact(mat, deadline)
         if result is not None:
             bottleneck, tour = result
@@ -393,7 +393,6 @@ def _upper_bound(mat: np.ndarray) -> tuple[float, str]:
     min over peers of its fastest outgoing and incoming edge, and the
     largest threshold at which the edges that fast still connect the group
     strongly (binary search over the distinct bandwidths)."""
-    n = mat.shape[0]
     out_best = mat.max(axis=1)
     in_best = mat.max(axis=0)
     if out_best.min() == 0.0:
@@ -412,7 +411,6 @@ def _upper_bound(mat: np.ndarray) -> tuple[float, str]:
             lo = mid
         else:
             hi = mid - 1
-    del n
     return float(values[lo]), ""
 
 
@@ -599,7 +597,6 @@ class _Search:
 
     def descend(self, tour: np.ndarray, cost: np.ndarray, violations_only: bool):
         """Apply improving segment swaps until none is left (or time is up)."""
-        n = self.n
         eps = 1e-15
         while not self.out_of_time():
             edge_cost = cost[tour, np.roll(tour, -1)]
@@ -619,7 +616,6 @@ class _Search:
                     break
             if not improved:
                 return tour
-        del n
         return tour
 
     def perturb(self, tour: np.ndarray) -> np.ndarray:
@@ -740,19 +736,6 @@ def _heuristic(
     mat: np.ndarray, upper_bound: float, deadline: float, seed: int
 ) -> tuple[list[int] | None, bool]:
     n = mat.shape[0]
-    if n <= 3:  # at most two directed rings: compare them
-        rings = [[0, 1]] if n == 2 else [[0, 1, 2], [0, 2, 1]]
-        feasible = [r for r in rings if all(mat[a, b] > 0 for a, b in _edges(r))]
-        if not feasible:
-            return None, False
-        best = max(
-            feasible,
-            key=lambda r: (
-                min(mat[a, b] for a, b in _edges(r)),
-                -sum(1 / mat[a, b] for a, b in _edges(r)),
-            ),
-        )
-        return best, False
     search = _Search(mat, seed, deadline)
     kicks = max(8, 4 * n) if n <= 32 else 8
     steps = 20 * n
@@ -764,9 +747,20 @@ def _heuristic(
         left = deadline - time.monotonic()
         return max(0.0, 0.8 * left / max(1, tries_left))
 
-    tries = 2 + math.ceil(math.log2(len(values) + 1))
+    def find(t: float, start: np.ndarray | None, tries_left: int) -> np.ndarray | None:
+        # cheapest first: greedy walk + descent, bounded backtracking, then
+        # the plateau walk from the best ring so far
+        cand = search.feasible_at(search.construct(t), t, 0, 0.0)
+        if cand is None:
+            cand = search.backtrack(t, 50 * n, budget(tries_left) / 2)
+        if cand is None:
+            cand = search.feasible_at(
+                start if start is not None else search.construct(t), t, steps, budget(tries_left)
+            )
+        return cand
+
     # a first ring that avoids the unusable edges
-    tour = search.feasible_at(search.construct(values[0]), values[0], steps, budget(tries))
+    tour = find(values[0], None, 2 + math.ceil(math.log2(len(values) + 1)))
     if tour is None:
         return None, search.timed_out
     best_tour = tour
@@ -779,11 +773,7 @@ def _heuristic(
         mid = hi if first_try else (lo + hi + 1) // 2
         first_try = False
         t = values[mid]
-        cand = search.feasible_at(search.construct(t), t, 0, 0.0)
-        if cand is None:
-            cand = search.backtrack(t, 50 * n, budget(tries) / 2)
-        if cand is None:
-            cand = search.feasible_at(best_tour, t, steps, budget(tries))
+        cand = find(t, best_tour, tries)
         if cand is not None:
             best_tour = cand
             got = search.mat[cand, np.roll(cand, -1)].min()
