@@ -97,7 +97,8 @@ def test_heuristic_within_five_percent_of_exact(n):
         kind = ("uniform", "sparse", "clusters", "few-values")[seed % 4]
         mat = random_matrix(np.random.default_rng([100 + n, seed]), n, kind)
         exact = solve_ring(mat)
-        heur = solve_ring(mat, exact_max_n=0, time_limit=1.0)
+        # a generous limit: the step counts, not the clock, bound the search
+        heur = solve_ring(mat, exact_max_n=0, time_limit=10.0)
         assert exact.exact and not heur.exact
         check_ring(heur, mat)
         assert heur.bottleneck <= exact.bottleneck
@@ -345,7 +346,16 @@ def test_propose_ring_threshold():
 
 
 def test_module_stays_pure():
-    # the master's solver must not pull in the native extension or pccl.testing
-    source = open(topology.__file__).read()
-    assert "_native" not in source and "pccl.testing" not in source
-    assert "from ..testing" not in source
+    # the master's solver imports only the standard library, numpy and
+    # pccl.errors: never the native extension, pccl.testing or any I/O
+    import ast
+
+    tree = ast.parse(open(topology.__file__).read())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            imported.add("." * node.level + (node.module or ""))
+    allowed = {"__future__", "math", "time", "collections.abc", "dataclasses", "typing"}
+    assert imported == allowed | {"numpy", "..errors"}, imported
