@@ -648,7 +648,9 @@ class _Search:
                 best, best_v = cur, v
         return best if best_v == 0 else None
 
-    def backtrack(self, threshold: float, max_nodes: int, budget: float) -> np.ndarray | None:
+    def backtrack(
+        self, threshold: float, max_nodes: int, budget: float, noise: np.ndarray | None = None
+    ) -> np.ndarray | None:
         """Depth-first search for a ring over edges >= threshold from peer 0,
         most constrained peer first (Warnsdorff), pruning a branch as soon
         as an unvisited peer has no way in or no way out; gives up after
@@ -662,7 +664,7 @@ class _Search:
         all_bits = (1 << n) - 1
         path = [0]
         unvisited = all_bits ^ 1
-        stack = [self._children(0, unvisited, out_bits)]
+        stack = [self._children(0, unvisited, out_bits, noise)]
         expanded = 0
         while stack:
             expanded += 1
@@ -697,21 +699,24 @@ class _Search:
                 continue
             path.append(v)
             unvisited = rest
-            stack.append(self._children(v, rest, out_bits))
+            stack.append(self._children(v, rest, out_bits, noise))
         return None
 
     @staticmethod
-    def _children(v: int, unvisited: int, out_bits: list[int]) -> list[int]:
+    def _children(
+        v: int, unvisited: int, out_bits: list[int], noise: np.ndarray | None
+    ) -> list[int]:
         """Unvisited successors of v, the most constrained last (popped first)."""
         cand = []
         r = out_bits[v] & unvisited
         while r:
             low = r & -r
             u = low.bit_length() - 1
-            cand.append((bin(out_bits[u] & unvisited).count("1"), u))
+            key = bin(out_bits[u] & unvisited).count("1")
+            cand.append((key, 0.0 if noise is None else float(noise[u]), u))
             r ^= low
         cand.sort(reverse=True)
-        return [u for _, u in cand]
+        return [u for _, _, u in cand]
 
     def polish(self, tour: np.ndarray, threshold: float, kicks: int) -> np.ndarray:
         """Shorten (sum of 1/bw) a violation-free ring, keeping it so."""
@@ -751,8 +756,13 @@ def _heuristic(
         # cheapest first: greedy walk + descent, bounded backtracking, then
         # the plateau walk from the best ring so far
         cand = search.feasible_at(search.construct(t), t, 0, 0.0)
-        if cand is None:
-            cand = search.backtrack(t, 50 * n, budget(tries_left) / 2)
+        # backtracking: Warnsdorff order, then restarts with random tie-breaks
+        stop = time.monotonic() + budget(tries_left) / 2
+        for attempt in range(8):
+            if cand is not None or time.monotonic() > stop:
+                break
+            noise = None if attempt == 0 else search.rng.random(n)
+            cand = search.backtrack(t, 50 * n, stop - time.monotonic(), noise)
         if cand is None:
             cand = search.feasible_at(
                 start if start is not None else search.construct(t), t, steps, budget(tries_left)
