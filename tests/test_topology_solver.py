@@ -9,6 +9,8 @@ import time
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import pccl
 from pccl.master import topology
@@ -359,3 +361,30 @@ def test_module_stays_pure():
             imported.add("." * node.level + (node.module or ""))
     allowed = {"__future__", "math", "time", "collections.abc", "dataclasses", "typing"}
     assert imported == allowed | {"numpy", "..errors"}, imported
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.integers(min_value=1, max_value=7).flatmap(
+        lambda n: st.lists(
+            st.sampled_from([0.0, 0.0, 1.0, 2.0, 3.0, 5.0, 8.5, 1e9]),
+            min_size=n * n,
+            max_size=n * n,
+        )
+    )
+)
+def test_exact_equals_brute_force_property(values):
+    n = math.isqrt(len(values))
+    mat = np.array(values, dtype=float).reshape(n, n)
+    np.fill_diagonal(mat, 0.0)
+    best, best_sum = brute_force(mat)
+    sol = solve_ring(mat)
+    assert sol.exact
+    if best == 0:
+        assert sol.ring is None and sol.bottleneck == 0.0
+    elif n == 1:
+        assert sol.ring == [0] and sol.bottleneck == math.inf
+    else:
+        check_ring(sol, mat)
+        assert sol.bottleneck == best
+        assert sol.sum_inv == pytest.approx(best_sum, rel=1e-12)
