@@ -388,3 +388,13 @@ def test_exact_equals_brute_force_property(values):
         check_ring(sol, mat)
         assert sol.bottleneck == best
         assert sol.sum_inv == pytest.approx(best_sum, rel=1e-12)
+
+
+def test_exact_timeout_still_leaves_the_heuristic_time():
+    # n = 18 exact takes several hundred ms; with a 60 ms limit the exact
+    # search gives up at 30 ms and the heuristic must still return a ring
+    mat = random_matrix(np.random.default_rng(17), 18, "uniform")
+    sol = solve_ring(mat, time_limit=0.06, exact_max_n=18)
+    assert not sol.exact and "exact search" in sol.reason
+    assert sol.ring is not None
+    check_ring(sol, mat)

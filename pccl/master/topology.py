@@ -47,7 +47,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -301,15 +301,16 @@ def solve_ring(
     :func:`bandwidth_matrix`); ``peers``: the ids (row order for a matrix;
     extra peers for a mapping).  Groups of at most ``exact_max_n`` peers
     (at most 18) are solved exactly; larger ones, or an exact solve that
-    would overrun ``time_limit`` (seconds), by the heuristic, which stops
-    by ``time_limit``.  ``seed`` drives the heuristic's perturbations.
+    does not finish within half of ``time_limit`` (seconds), by the
+    heuristic, which stops by ``time_limit``.  ``seed`` drives the heuristic's perturbations.
     """
     if not (time_limit > 0 and math.isfinite(time_limit)):
         raise InvalidArgumentError(f"time_limit must be a positive number, got {time_limit!r}")
     if not 0 <= exact_max_n <= EXACT_HARD_MAX_N:
         raise InvalidArgumentError(f"exact_max_n must be in [0, {EXACT_HARD_MAX_N}]")
     # a margin for the work after the last deadline check (one move at n = 256)
-    deadline = time.monotonic() + 0.95 * time_limit
+    start = time.monotonic()
+    deadline = start + 0.95 * time_limit
     ids, mat = bandwidth_matrix(bw, peers)
     n = len(ids)
     if n == 1:
@@ -325,7 +326,8 @@ def solve_ring(
     if ub == 0.0:
         return _infeasible(f"no ring avoids the unusable edges: {proof}", exact=True)
     if n <= max(exact_max_n, 3):  # n <= 3: at most two rings, exact is instant
-        result = _exact(mat, deadline)
+        # half the time at most, so that the heuristic can still run after it
+        result = _exact(mat, start + 0.5 * time_limit)
         if result is not None:
             bottleneck, tour = result
             if tour is None:
@@ -339,12 +341,13 @@ def solve_ring(
         why = "the heuristic found no ring that avoids the unusable edges"
         if timed_out:
             why += " before the time limit"
+        why = "; ".join(r for r in (why, fallback) if r)
         return _infeasible(why, exact=False, upper_bound=ub)
     reasons = [r for r in (fallback, "time limit reached" if timed_out else "") if r]
     sol = _solution(ids, mat, tour, exact=False, reason="; ".join(reasons), upper_bound=ub)
     if sol.bottleneck >= ub:  # the bound is reached: the bottleneck is optimal
         reasons.insert(0, "bottleneck meets the upper bound (tie-break heuristic)")
-        sol = RingSolution(**{**sol.__dict__, "reason": "; ".join(reasons)})
+        sol = replace(sol, reason="; ".join(reasons))
     return sol
 
 
