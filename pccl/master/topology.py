@@ -333,7 +333,7 @@ def solve_ring(
             if tour is None:
                 return _infeasible("no Hamiltonian cycle avoids the unusable edges", exact=True)
             return _solution(ids, mat, tour, exact=True, reason="", upper_bound=bottleneck)
-        fallback = "exact search would overrun the time limit; heuristic used"
+        fallback = "exact search did not finish in half the time limit; heuristic used"
     else:
         fallback = ""
     tour, timed_out = _heuristic(mat, ub, deadline, seed)
