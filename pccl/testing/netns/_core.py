@@ -29,6 +29,7 @@ import hashlib
 import ipaddress
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -51,6 +52,8 @@ HOST_POOL = ipaddress.ip_network("198.19.128.0/17")  # /32 per dummy ("peer") ad
 REGISTRY = "/run/pccl-netns"
 PREFIX_STEM = "pt"
 IFNAMSIZ = 15
+RUN_NAME = re.compile(r"^pt[0-9a-f]{6}$")
+"""A run prefix; :func:`cleanup_stale` touches nothing else."""
 
 _CMD_TIMEOUT = 30.0
 
@@ -196,19 +199,22 @@ def cleanup_stale(prefix: str = PREFIX_STEM, *, force: bool = False) -> list[str
 
     A run whose owner process is still alive is left alone unless
     ``force`` (other processes on the machine may be running testbeds of
-    their own); a run prefix (``pt`` + 6 hex digits) names one run."""
+    their own); a run prefix (``pt`` + 6 hex digits) names one run.  Only
+    names of that shape are ever touched."""
     doomed: list[str] = []
     runs: set[str] = set()
     for ns in list_namespaces():
-        if not ns.startswith(prefix) or "-" not in ns:
-            continue
         run = ns.split("-", 1)[0]
+        if not ns.startswith(prefix) or "-" not in ns or not RUN_NAME.match(run):
+            continue
         if force or not _run_alive(run):
             doomed.append(ns)
             runs.add(run)
     _delete_namespaces(doomed)
     gone = list(doomed)
-    for run in runs | ({prefix} if force and prefix != PREFIX_STEM else set()):
+    if force and RUN_NAME.match(prefix):
+        runs.add(prefix)
+    for run in runs:
         for ifname in _root_links_with(run):
             _run(["ip", "link", "del", ifname], check=False)
             gone.append(ifname)
@@ -223,7 +229,7 @@ def cleanup_stale(prefix: str = PREFIX_STEM, *, force: bool = False) -> list[str
     except OSError:
         entries = []
     for run in entries:
-        if run.startswith(prefix) and not _run_alive(run):
+        if run.startswith(prefix) and RUN_NAME.match(run) and not _run_alive(run):
             try:
                 os.unlink(os.path.join(REGISTRY, run))
             except OSError:
@@ -256,7 +262,7 @@ class Node:
     kind: str  # "host" | "router" | "bridge"
     ns: str
     sysctls: dict[str, str] = dataclasses.field(default_factory=dict)
-    dummies: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)  # if, addr, lbl
+    dummies: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (addr, label)
     labels: dict[str, str] = dataclasses.field(default_factory=dict)  # label -> address
 
 
@@ -355,10 +361,11 @@ class Testbed:
     ``docs/testbeds.md``.  Use as a context manager (``up`` on enter,
     ``down`` on exit, also when the body raises)."""
 
+    __test__ = False  # not a pytest class, whatever its name
+
     def __init__(self, prefix: str | None = None) -> None:
-        if prefix is not None and (not prefix.startswith(PREFIX_STEM) or len(prefix) > 8
-                                   or "-" in prefix):
-            raise ValueError("prefix must start with 'pt', be <= 8 chars and contain no '-'")
+        if prefix is not None and not RUN_NAME.match(prefix):
+            raise ValueError(f"prefix must be 'pt' + 6 lowercase hex digits, got {prefix!r}")
         self.prefix = prefix
         self.nodes: dict[str, Node] = {}
         self.links: dict[str, Link] = {}
@@ -437,13 +444,13 @@ class Testbed:
         self.nodes[node].sysctls[key] = str(value)
 
     def dummy(self, node: str, label: str = "peer") -> str:
-        """A /32 on a dummy interface of ``node`` (from 198.19.128.0/17):
+        """A /32 on ``node``'s loopback (from 198.19.128.0/17):
         an address that does not belong to any one link (what a peer
         advertises); route it with :meth:`route`.  Returns the address."""
         n = self.nodes[node]
         self._n_host += 1
         addr = str(HOST_POOL.network_address + self._n_host)
-        n.dummies.append((self._ifname("d"), addr, label))
+        n.dummies.append((addr, label))
         n.labels[label] = addr
         return addr
 
@@ -669,9 +676,10 @@ class Testbed:
             create[ns].append(f"link add {brif} type bridge stp_state 0 forward_delay 0")
             conf[ns].append(f"link set {brif} up")
         for n in nodes:
-            for ifn, addr, _ in n.dummies:
-                create[n.ns].append(f"link add {ifn} type dummy")
-                conf[n.ns] += [f"addr add {addr}/32 dev {ifn}", f"link set {ifn} up"]
+            for addr, _ in n.dummies:
+                # on lo: the kernel here may lack the dummy driver, and lo is
+                # what a router's loopback address is anyway
+                conf[n.ns].append(f"addr add {addr}/32 dev lo")
         for ln in self.links.values():
             ans, bns = self.nodes[ln.a].ns, self.nodes[ln.b].ns
             create[ans].append(f"link add {ln.a_if} type veth peer name {ln.b_if} netns {bns}")

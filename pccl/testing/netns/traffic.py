@@ -9,7 +9,8 @@ Run inside a namespace (``Testbed.python(node, "pccl.testing.netns.traffic", ...
 * ``send --to ADDR --port P --bytes N [--conns K] [--sports LO-HI | a,b,..]
   [--src ADDR] [--timeout T]`` opens K connections (each bound to the next
   source port of the list or range, if given), sends N bytes on each and
-  prints the same kind of line.
+  prints the same kind of line; ``--targets A:P,B:Q,..`` instead opens one
+  connection to each target (all at once).
 
 :func:`tcp_transfer` drives both from the test process, every wait
 bounded, and returns a :class:`Transfer`.
@@ -107,6 +108,9 @@ def _send_main(a: argparse.Namespace) -> int:
     payload = memoryview(bytes(_CHUNK))
     t0, c0 = time.monotonic(), _cpu()
     results: list[dict] = [{} for _ in range(a.conns)]
+    targets = ([(t.rsplit(":", 1)[0], int(t.rsplit(":", 1)[1])) for t in a.targets.split(",")]
+               if a.targets else [(a.to, a.port)] * a.conns)
+    a.conns = len(targets)
     socks = []
     for i in range(a.conns):
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -114,7 +118,7 @@ def _send_main(a: argparse.Namespace) -> int:
         if ports is not None or a.src:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind((a.src or "0.0.0.0", ports[i] if ports is not None else 0))
-        s.connect((a.to, a.port))
+        s.connect(targets[i])
         socks.append(s)
 
     def push(i: int, s: socket.socket) -> None:
@@ -155,14 +159,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("--conns", type=int, default=1)
     r.add_argument("--timeout", type=float, default=30.0)
     s = sub.add_parser("send")
-    s.add_argument("--to", required=True)
-    s.add_argument("--port", type=int, required=True)
+    s.add_argument("--to")
+    s.add_argument("--port", type=int)
+    s.add_argument("--targets", default=None, help="ADDR:PORT,... (one connection each)")
     s.add_argument("--bytes", type=int, required=True)
     s.add_argument("--conns", type=int, default=1)
     s.add_argument("--sports", default=None, help="LO-HI or a,b,c")
     s.add_argument("--src", default=None)
     s.add_argument("--timeout", type=float, default=30.0)
     a = ap.parse_args(argv)
+    if a.cmd == "send" and not a.targets and (a.to is None or a.port is None):
+        ap.error("send needs --to and --port, or --targets")
     return _recv_main(a) if a.cmd == "recv" else _send_main(a)
 
 
