@@ -286,6 +286,7 @@ class Link:
     prefixlen: int
     label: str | None = None
     blackholed: bool = False
+    gso_max_segs: int | None = None
 
     @property
     def is_port(self) -> bool:
@@ -354,6 +355,31 @@ def _install_exit_hooks() -> None:
 
 def _fmt_rate(mbit: float) -> str:
     return f"{int(round(mbit * 1e6))}bit"
+
+
+GSO_BUCKET = 131072
+"""A bucket above one 64 KiB GSO packet with its headers (~67 KB counted):
+with a smaller one tbf cuts every such packet into MTU segments."""
+
+SEGMENT_BELOW_MBIT = 150.0
+
+
+def tbf_bucket(mbit: float, burst: int | None = None, limit: int | None = None) -> str:
+    """The ``burst``/``limit`` part of a tbf for ``mbit`` (bytes given win).
+
+    Fast links (>= 150 Mbit/s) get a 128 KiB bucket so GSO packets pass
+    whole (segmenting them costs 3-5x the CPU per byte, and 2 cores run out
+    near 1 Gbit/s in total); slower links get 2 ms of the rate (>= 16 KiB):
+    tbf segments there, which is cheap at that rate and paces like a
+    real NIC.  The queue holds the bucket plus 5 ms at the rate: a deep
+    queue delays the ACKs of reverse traffic behind data and costs two-way
+    TCP up to 40 % of the rate."""
+    rate_bytes = mbit * 1e6 / 8
+    if burst is None:
+        burst = GSO_BUCKET if mbit >= SEGMENT_BELOW_MBIT else max(16384, int(rate_bytes * 0.002))
+    if limit is None:
+        limit = burst + max(16384, int(rate_bytes * 0.005))
+    return f"burst {burst} limit {limit}"
 
 
 class Testbed:
@@ -460,11 +486,13 @@ class Testbed:
 
     def link(self, a: str, b: str, mbit: float | None = None, mbit_ba: float | None = ...,
              *, burst: int | None = None, limit: int | None = None,
-             name: str | None = None) -> Link:
+             name: str | None = None, gso_max_segs: int | None = None) -> Link:
         """A veth pair between nodes ``a`` and ``b`` with a /30 from
         198.18.0.0/16 (``a`` gets .1, ``b`` .2).  ``mbit`` shapes a->b,
         ``mbit_ba`` b->a (default: same as ``mbit``); ``burst`` and
-        ``limit`` (bytes) are the tbf bucket and queue."""
+        ``limit`` (bytes) are the tbf bucket and queue (default:
+        :func:`tbf_bucket`); ``gso_max_segs`` caps the segments per packet
+        sent into the link (small packets for per-packet spraying)."""
         if mbit_ba is ...:
             mbit_ba = mbit
         for x in (a, b):
@@ -484,8 +512,10 @@ class Testbed:
             raise ValueError("out of point-to-point subnets")
         base = P2P_POOL.network_address + 4 * self._n_p2p
         self._n_p2p += 1
+        if gso_max_segs is not None and not 1 <= gso_max_segs <= 65535:
+            raise ValueError("gso_max_segs is 1..65535")
         ln = Link(name, a, b, self._ifname("l"), self._ifname("l"), mbit, mbit_ba, burst, limit,
-                  str(base + 1), str(base + 2), 30)
+                  str(base + 1), str(base + 2), 30, gso_max_segs=gso_max_segs)
         self.links[name] = ln
         return ln
 
@@ -683,6 +713,9 @@ class Testbed:
         for ln in self.links.values():
             ans, bns = self.nodes[ln.a].ns, self.nodes[ln.b].ns
             create[ans].append(f"link add {ln.a_if} type veth peer name {ln.b_if} netns {bns}")
+            if ln.gso_max_segs is not None:
+                create[ans].append(f"link set {ln.a_if} gso_max_segs {ln.gso_max_segs}")
+                conf[bns].append(f"link set {ln.b_if} gso_max_segs {ln.gso_max_segs}")
             conf[ans] += [f"addr add {ln.a_addr}/{ln.prefixlen} dev {ln.a_if}",
                           f"link set {ln.a_if} up"]
             if ln.is_port:
@@ -727,12 +760,7 @@ class Testbed:
 
     @staticmethod
     def _tbf(ln: Link, mbit: float) -> str:
-        rate_bytes = mbit * 1e6 / 8
-        # the bucket holds one 64 KiB GSO packet (else tbf cuts it up) or 1 ms
-        burst = ln.burst or max(65536, int(rate_bytes * 0.001))
-        # queue: 10 ms at the rate, at least four buckets
-        limit = ln.limit or max(4 * burst, int(rate_bytes * 0.010))
-        return f"tbf rate {_fmt_rate(mbit)} burst {burst} limit {limit}"
+        return f"tbf rate {_fmt_rate(mbit)} {tbf_bucket(mbit, ln.burst, ln.limit)}"
 
     def down(self) -> None:
         """Kill every process started in the testbed and delete its

@@ -116,7 +116,7 @@ class LeafSpine(Testbed):
 
     def __init__(self, leaves: int, hosts_per_leaf: int, spines: int,
                  host_mbit: float | None, uplink_mbit: float | None,
-                 prefix: str | None) -> None:
+                 gso_max_segs: int | None, prefix: str | None) -> None:
         super().__init__(prefix)
         if leaves < 1 or hosts_per_leaf < 1 or spines < 1:
             raise ValueError("leaves, hosts_per_leaf and spines must be >= 1")
@@ -135,7 +135,8 @@ class LeafSpine(Testbed):
             self.host(h)
             self.sysctl(h, "net.ipv4.ip_local_port_range",
                         f"{EPHEMERAL_PORTS[0]} {EPHEMERAL_PORTS[1]}")
-            ln = self.link(h, self.leaves[i // hosts_per_leaf], host_mbit)
+            ln = self.link(h, self.leaves[i // hosts_per_leaf], host_mbit,
+                           gso_max_segs=gso_max_segs)
             self._host_link[h] = ln
             self.nodes[h].labels["peer"] = ln.a_addr
             self.route(h, "198.18.0.0/15", ln)
@@ -212,11 +213,18 @@ class LeafSpine(Testbed):
 
 def leaf_spine(leaves: int = 2, hosts_per_leaf: int = 4, spines: int = 4,
                host_mbit: float | None = 100, uplink_mbit: float | None = 50,
-               *, prefix: str | None = None) -> LeafSpine:
+               *, gso_max_segs: int | None = 4, prefix: str | None = None) -> LeafSpine:
     """A two-tier leaf-spine fabric of routers; the oversubscription is
     ``hosts_per_leaf * host_mbit / (spines * uplink_mbit)`` (defaults:
-    400/200, 2:1; ``spines=2`` makes it 4:1)."""
-    return LeafSpine(leaves, hosts_per_leaf, spines, host_mbit, uplink_mbit, prefix)
+    400/200, 2:1; ``spines=2`` makes it 4:1).
+
+    ``gso_max_segs`` caps what a host sends as one packet (default 4
+    segments, ~6 KB): spraying moves whole packets, and 64 KB GSO packets
+    sprayed over 50 Mbit/s uplinks arrive so far out of order that four
+    TCP flows reach ~60 % of the fabric (measured), against ~90 % with 4
+    segments.  None keeps the kernel's 64 KB."""
+    return LeafSpine(leaves, hosts_per_leaf, spines, host_mbit, uplink_mbit, gso_max_segs,
+                     prefix)
 
 
 class TwoClusters(Testbed):
