@@ -703,8 +703,11 @@ class Testbed:
         conf: dict[str, list[str]] = {n.ns: ["link set lo up"] for n in nodes}
         for name, (brif, _, _) in self.bridges.items():
             ns = self.nodes[name].ns
-            create[ns].append(f"link add {brif} type bridge stp_state 0 forward_delay 0")
-            conf[ns].append(f"link set {brif} up")
+            # no multicast from the bridge itself: it would send an IGMP
+            # report (54 bytes) to every port when it comes up
+            create[ns].append(f"link add {brif} type bridge stp_state 0 forward_delay 0 "
+                              "mcast_snooping 0")
+            conf[ns] += [f"link set {brif} multicast off", f"link set {brif} up"]
         for n in nodes:
             for addr, _ in n.dummies:
                 # on lo: the kernel here may lack the dummy driver, and lo is
