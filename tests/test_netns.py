@@ -172,6 +172,24 @@ def test_full_mesh_every_pair_over_its_direct_link():
     assert _leftovers(tb.prefix) == ([], [])
 
 
+def _connect_from_port(tb, node: str, addr: str, sport: int) -> str:
+    """Connect from ``sport`` to a closed port of ``addr``: "refused" when
+    packets get through (RST), "timeout" when they vanish."""
+    probe = textwrap.dedent(f"""
+        import socket
+        s = socket.socket(); s.settimeout(1.0)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("0.0.0.0", {sport}))
+        try:
+            s.connect(({addr!r}, 9)); print("connected")
+        except TimeoutError:
+            print("timeout")
+        except ConnectionRefusedError:
+            print("refused")
+    """)
+    return tb.run(node, [sys.executable, "-c", probe], timeout=10).stdout.strip()
+
+
 def _delta(b1, b0):
     return {k: (b1[k][0] - b0[k][0], b1[k][1] - b0[k][1]) for k in b1}
 
@@ -226,6 +244,15 @@ def test_leaf_spine_pinning_ecmp_and_spraying():
         tcp_transfer(ls, "h0", "h4", dst, 500_000)
         d = _delta(ls.uplink_bytes(), b0)
         assert sum(d[(0, k)][0] > 100_000 for k in range(4)) == 1, d
+
+        # a black-holed uplink: routes stay, what is pinned to it stalls
+        ls.blackhole(ls.uplink(0, 1))
+        try:
+            assert _connect_from_port(ls, "h0", dst, ls.port_range(1)[0] + 5) == "timeout"
+            assert _connect_from_port(ls, "h0", dst, ls.port_range(2)[0] + 5) == "refused"
+        finally:
+            ls.restore(ls.uplink(0, 1))
+        assert _connect_from_port(ls, "h0", dst, ls.port_range(1)[0] + 6) == "refused"
     print(f"leaf_spine down in {ls.timings['down']:.2f} s")
     assert _leftovers(ls.prefix) == ([], [])
 
@@ -281,8 +308,7 @@ def test_a_failed_up_leaves_nothing():
     tb.host("x")
     tb.host("y")
     ln = tb.link("x", "y", 10)
-    tb.route("x", "198.19.250.0/24", ln)
-    tb._routes[-1].hops[0] = (ln.a_if, "198.19.251.1")  # unreachable gateway: up() fails
+    tb.route("x", "198.19.250.0/24", (ln, "198.19.251.1"))  # gateway off the link: fails
     with pytest.raises(netns.NetnsError):
         tb.up()
     assert _leftovers(tb.prefix) == ([], [])
@@ -341,7 +367,34 @@ def test_reaper_cleans_up_after_sigkill():
             assert len(_leftovers(prefix)[0]) == 3
             os.kill(p.pid, signal.SIGKILL)
             p.wait(10)
+            t0 = time.monotonic()
             _wait_until(lambda: _leftovers(prefix) == ([], []), 15, "reaper cleanup")
+            print(f"reaper cleaned up {time.monotonic() - t0:.2f} s after SIGKILL")
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+
+
+def test_sigterm_tears_down_through_atexit():
+    script = textwrap.dedent("""
+        import time
+        from pccl.testing.netns import Testbed
+        tb = Testbed(); tb.host("x"); tb.host("y"); tb.link("x", "y", 10)
+        tb.up()
+        print(tb.prefix, flush=True)
+        time.sleep(60)
+    """)
+    with tempfile.TemporaryDirectory() as cwd:
+        p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, cwd=cwd)
+        try:
+            prefix = p.stdout.readline().strip()
+            assert prefix, p.stderr.read()
+            assert len(_leftovers(prefix)[0]) == 2
+            p.send_signal(signal.SIGTERM)
+            assert p.wait(15) == 128 + signal.SIGTERM  # our handler: SystemExit, not the signal
+            assert _leftovers(prefix) == ([], [])  # gone by the time it exited: atexit
         finally:
             if p.poll() is None:
                 p.kill()

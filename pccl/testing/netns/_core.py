@@ -37,7 +37,6 @@ import sys
 import tempfile
 import threading
 import time
-import weakref
 from collections.abc import Iterable, Mapping, Sequence
 
 from pccl.errors import PcclError
@@ -326,7 +325,7 @@ class _Rule:
     selector: str
 
 
-_live: weakref.WeakSet[Testbed] = weakref.WeakSet()
+_live: set[Testbed] = set()  # strong: a testbed dropped while up is still torn down at exit
 _hooks_installed = False
 
 
