@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("cleanup", help="delete leftovers of crashed testbed runs")
     c.add_argument("--prefix", default=PREFIX_STEM)
     c.add_argument("--force", action="store_true", help="also delete runs whose owner lives")
-    r = sub.add_parser("reap", help=argparse.SUPPRESS)
+    r = sub.add_parser("reap", help="(internal) the reaper each testbed starts")
     r.add_argument("prefix")
     a = ap.parse_args(argv)
     if a.cmd == "cleanup":

@@ -88,24 +88,21 @@ def unavailable_reason() -> str | None:
 
 def ensure_nft() -> str | None:
     """Make ``nft`` available, installing Debian's ``nftables`` with apt
-    when it is missing; None on success, else a one-line reason."""
+    when it is missing (``apt-get update`` first); None on success, else
+    a one-line reason."""
     if shutil.which("nft"):
         return None
     if shutil.which("apt-get") is None:
         return "`nft` is missing and there is no apt-get to install nftables"
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    steps = (["apt-get", "install", "-y", "nftables"],)
-    for argv in steps:
-        r = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
-        if r.returncode != 0:
-            # the package lists may never have been fetched: update once, retry
-            u = subprocess.run(
-                ["apt-get", "update"], capture_output=True, text=True, env=env, timeout=600
-            )
+    for argv in (["apt-get", "update"], ["apt-get", "install", "-y", "nftables"]):
+        try:
             r = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
-            if r.returncode != 0:
-                tail = (r.stderr or u.stderr).strip().splitlines()[-1:] or [""]
-                return f"installing nftables with apt-get failed: {tail[0]}"
+        except subprocess.TimeoutExpired:
+            return f"`{' '.join(argv)}` took more than 600 s"
+        if r.returncode != 0:
+            tail = (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1]
+            return f"`{' '.join(argv)}` failed while installing nftables: {tail}"
     if shutil.which("nft") is None:
         return "nftables was installed but `nft` is not on PATH"
     return None
@@ -143,7 +140,11 @@ def _pid_start(pid: int) -> str | None:
 
 
 def list_namespaces() -> list[str]:
-    r = _run(["ip", "netns", "list"], check=False)
+    """Every network namespace name on the machine (``ip netns list``)."""
+    try:
+        r = _run(["ip", "netns", "list"], check=False)
+    except FileNotFoundError:  # no iproute2: there can be none of ours
+        return []
     return [line.split()[0] for line in r.stdout.splitlines() if line.strip()]
 
 
