@@ -33,8 +33,8 @@ from pccl.testing.netns import (
 )
 
 _REASON = netns.unavailable_reason()
-pytestmark = [pytest.mark.skipif(_REASON is not None, reason=_REASON or ""),
-              pytest.mark.timeout(120)]
+needs_root = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
+pytestmark = pytest.mark.timeout(120)
 
 TOL = 0.15
 
@@ -76,6 +76,7 @@ def pair():
         yield tb
 
 
+@needs_root
 def test_rate_is_the_set_rate_and_the_link_is_the_bottleneck(pair):
     ln = pair.links["ab"]
     t100 = tcp_transfer(pair, "a", "b", ln.b_addr, 12_500_000)  # ~1 s
@@ -96,6 +97,7 @@ def test_rate_is_the_set_rate_and_the_link_is_the_bottleneck(pair):
     assert t200.cpu_fraction < 0.6, t200
 
 
+@needs_root
 def test_asymmetric_rates_per_direction(pair):
     ln = pair.links["ab"]
     t = tcp_transfer(pair, "b", "a", ln.a_addr, 6_250_000)  # ~1 s at 50
@@ -105,6 +107,7 @@ def test_asymmetric_rates_per_direction(pair):
     assert sent_b >= 6_250_000
 
 
+@needs_root
 def test_blackhole_drops_and_restore_heals(pair):
     ln = pair.links["ab"]
     pair.blackhole(ln)
@@ -131,6 +134,7 @@ def test_blackhole_drops_and_restore_heals(pair):
     assert abs(t.mbit / 100 - 1) <= 0.3  # the rate came back (short transfer: loose)
 
 
+@needs_root
 def test_full_mesh_every_pair_over_its_direct_link():
     n, size = 6, 256 * 1024
     tb = full_mesh(n, 400, {(0, 1): 50, (1, 0): 200})
@@ -194,6 +198,7 @@ def _delta(b1, b0):
     return {k: (b1[k][0] - b0[k][0], b1[k][1] - b0[k][1]) for k in b1}
 
 
+@needs_root
 def test_leaf_spine_pinning_ecmp_and_spraying():
     ls = leaf_spine(leaves=2, hosts_per_leaf=4, spines=4, host_mbit=100, uplink_mbit=50)
     with ls:
@@ -257,6 +262,7 @@ def test_leaf_spine_pinning_ecmp_and_spraying():
     assert _leftovers(ls.prefix) == ([], [])
 
 
+@needs_root
 def test_two_clusters_fast_and_ethernet_addresses():
     tc = two_clusters(fast_mbit=(800, 400), slow_mbit=100, per_cluster=4)
     with tc:
@@ -286,6 +292,7 @@ def test_two_clusters_fast_and_ethernet_addresses():
     assert _leftovers(tc.prefix) == ([], [])
 
 
+@needs_root
 def test_teardown_after_an_exception_kills_processes():
     tb = Testbed()
     tb.host("x")
@@ -303,6 +310,7 @@ def test_teardown_after_an_exception_kills_processes():
     tb.down()  # idempotent
 
 
+@needs_root
 def test_a_failed_up_leaves_nothing():
     tb = Testbed()
     tb.host("x")
@@ -335,6 +343,7 @@ def test_bad_descriptions_raise_value_error():
         full_mesh(3, 100, {(0, 3): 10})
 
 
+@needs_root
 def test_cleanup_stale_removes_dead_runs_and_spares_live_ones():
     dead = netns._core.new_prefix()
     subprocess.run(["ip", "netns", "add", f"{dead}-ghost"], check=True, timeout=10)
@@ -348,6 +357,7 @@ def test_cleanup_stale_removes_dead_runs_and_spares_live_ones():
         assert live.ns("x") in list_namespaces()
 
 
+@needs_root
 def test_reaper_cleans_up_after_sigkill():
     script = textwrap.dedent("""
         import sys, time
@@ -376,6 +386,7 @@ def test_reaper_cleans_up_after_sigkill():
                 p.wait(10)
 
 
+@needs_root
 def test_sigterm_tears_down_through_atexit():
     script = textwrap.dedent("""
         import time
