@@ -108,6 +108,33 @@ def test_asymmetric_rates_per_direction(pair):
 
 
 @needs_root
+def test_rate_change_mid_transfer(pair):
+    """Throttle a link while a transfer runs ("throttle one edge mid-run")."""
+    import threading
+
+    ln = pair.links["ab"]
+    pair.set_rate(ln, 200, "ab")
+    total, switch = 10_000_000, 2_500_000
+    result: list = []
+    th = threading.Thread(target=lambda: result.append(
+        tcp_transfer(pair, "a", "b", ln.b_addr, total)), daemon=True)
+    try:
+        start = pair.link_bytes(ln)[0]
+        th.start()
+        _wait_until(lambda: pair.link_bytes(ln)[0] - start >= switch, 20, "first 2.5 MB")
+        pair.set_rate(ln, 50, "ab")
+        th.join(30)
+    finally:
+        pair.set_rate(ln, 100, "ab")
+    assert result, "transfer did not finish"
+    t = result[0]
+    # >= 7.5 MB at 50 Mbit/s after the switch: >= 1.2 s (0.4 s unthrottled)
+    expected = (total - switch) * 8 / 50e6
+    print(f"200 -> 50 Mbit/s after 2.5 MB: {t.seconds:.2f} s (>= {expected:.2f} expected)")
+    assert t.seconds >= 0.85 * expected, t
+
+
+@needs_root
 def test_blackhole_drops_and_restore_heals(pair):
     ln = pair.links["ab"]
     pair.blackhole(ln)

@@ -287,6 +287,7 @@ class Link:
     label: str | None = None
     blackholed: bool = False
     gso_max_segs: int | None = None
+    buckets: dict[str, int] = dataclasses.field(default_factory=dict)  # direction -> bytes now
 
     @property
     def is_port(self) -> bool:
@@ -364,7 +365,8 @@ with a smaller one tbf cuts every such packet into MTU segments."""
 SEGMENT_BELOW_MBIT = 150.0
 
 
-def tbf_bucket(mbit: float, burst: int | None = None, limit: int | None = None) -> str:
+def tbf_bucket(mbit: float, burst: int | None = None, limit: int | None = None,
+               at_least: int = 0) -> tuple[int, int]:
     """The ``burst``/``limit`` part of a tbf for ``mbit`` (bytes given win).
 
     Fast links (>= 150 Mbit/s) get a 128 KiB bucket so GSO packets pass
@@ -373,13 +375,21 @@ def tbf_bucket(mbit: float, burst: int | None = None, limit: int | None = None) 
     tbf segments there, which is cheap at that rate and paces like a
     real NIC.  The queue holds the bucket plus 5 ms at the rate: a deep
     queue delays the ACKs of reverse traffic behind data and costs two-way
-    TCP up to 40 % of the rate."""
+    TCP up to 40 % of the rate.
+
+    ``at_least`` is the bucket of the tbf being replaced: a rate change
+    never shrinks the bucket, because a packet queued under the old one
+    that is larger than the new bucket can never be sent (tbf caps its
+    tokens at the bucket) and stalls the link for good - measured: a
+    200 -> 50 Mbit/s change with a 16 KiB bucket left two 68 KB packets
+    queued forever.  Returns ``(burst, limit)`` in bytes."""
     rate_bytes = mbit * 1e6 / 8
     if burst is None:
         burst = GSO_BUCKET if mbit >= SEGMENT_BELOW_MBIT else max(16384, int(rate_bytes * 0.002))
+        burst = max(burst, at_least)
     if limit is None:
         limit = burst + max(16384, int(rate_bytes * 0.005))
-    return f"burst {burst} limit {limit}"
+    return burst, limit
 
 
 class Testbed:
@@ -738,7 +748,7 @@ class Testbed:
         for ln in self.links.values():
             for node, ifn, rate in ((ln.a, ln.a_if, ln.rate_ab), (ln.b, ln.b_if, ln.rate_ba)):
                 if rate is not None:
-                    qd = self._tbf(ln, rate)
+                    qd = self._tbf(ln, "ab" if ifn == ln.a_if else "ba", rate)
                     tc[self.nodes[node].ns].append(f"qdisc add dev {ifn} root {qd}")
         for ns in conf:
             self._batch("ip", ns, conf[ns])
@@ -762,8 +772,10 @@ class Testbed:
         return f"route add {r.dst}{tail} {hops}"
 
     @staticmethod
-    def _tbf(ln: Link, mbit: float) -> str:
-        return f"tbf rate {_fmt_rate(mbit)} {tbf_bucket(mbit, ln.burst, ln.limit)}"
+    def _tbf(ln: Link, d: str, mbit: float) -> str:
+        burst, limit = tbf_bucket(mbit, ln.burst, ln.limit, ln.buckets.get(d, 0))
+        ln.buckets[d] = burst
+        return f"tbf rate {_fmt_rate(mbit)} burst {burst} limit {limit}"
 
     def down(self) -> None:
         """Kill every process started in the testbed and delete its
@@ -917,11 +929,13 @@ class Testbed:
         ns = self.nodes[node].ns
         if ln.blackholed:
             _run(["tc", "-n", ns, "qdisc", "replace", "dev", ifn, "root", "blackhole"])
+            ln.buckets[d] = 0  # the queue went with the old qdisc
         elif rate is None:
             _run(["tc", "-n", ns, "qdisc", "del", "dev", ifn, "root"], check=False)
+            ln.buckets[d] = 0  # veth's default is no queue
         else:
             _run(["tc", "-n", ns, "qdisc", "replace", "dev", ifn, "root",
-                  *self._tbf(ln, rate).split()])
+                  *self._tbf(ln, d, rate).split()])
 
     def blackhole(self, link: Link | str) -> None:
         """Drop every packet on ``link`` in both directions; the interfaces
