@@ -256,6 +256,13 @@ def new_prefix() -> str:
             return p
 
 
+def _mac(ifname: str) -> str:
+    """A fixed, locally administered MAC from an interface's run-unique
+    number (set at creation, so neighbours can be static: no ARP)."""
+    n = int(re.search(r"(\d+)$", ifname).group(1))
+    return f"02:50:00:{(n >> 16) & 255:02x}:{(n >> 8) & 255:02x}:{n & 255:02x}"
+
+
 @dataclasses.dataclass
 class Node:
     name: str
@@ -288,6 +295,14 @@ class Link:
     blackholed: bool = False
     gso_max_segs: int | None = None
     buckets: dict[str, int] = dataclasses.field(default_factory=dict)  # direction -> bytes now
+
+    @property
+    def a_mac(self) -> str:
+        return _mac(self.a_if)
+
+    @property
+    def b_mac(self) -> str:
+        return _mac(self.b_if)
 
     @property
     def is_port(self) -> bool:
@@ -725,7 +740,8 @@ class Testbed:
                 conf[n.ns].append(f"addr add {addr}/32 dev lo")
         for ln in self.links.values():
             ans, bns = self.nodes[ln.a].ns, self.nodes[ln.b].ns
-            create[ans].append(f"link add {ln.a_if} type veth peer name {ln.b_if} netns {bns}")
+            create[ans].append(f"link add {ln.a_if} address {ln.a_mac} type veth peer name "
+                               f"{ln.b_if} address {ln.b_mac} netns {bns}")
             if ln.gso_max_segs is not None:
                 create[ans].append(f"link set {ln.a_if} gso_max_segs {ln.gso_max_segs}")
                 conf[bns].append(f"link set {ln.b_if} gso_max_segs {ln.gso_max_segs}")
@@ -737,6 +753,23 @@ class Testbed:
             else:
                 conf[bns] += [f"addr add {ln.b_addr}/{ln.prefixlen} dev {ln.b_if}",
                               f"link set {ln.b_if} up"]
+                # static neighbours: no ARP on the link, counters see test traffic only
+                conf[ans].append(f"neigh replace {ln.b_addr} lladdr {ln.b_mac} dev {ln.a_if} "
+                                 "nud permanent")
+                conf[bns].append(f"neigh replace {ln.a_addr} lladdr {ln.a_mac} dev {ln.b_if} "
+                                 "nud permanent")
+        fdb: dict[str, list[str]] = {}
+        for name, (_, _, ports) in self.bridges.items():
+            bns = self.nodes[name].ns
+            members = [self.links[p] for p in ports]
+            for p in members:
+                # the bridge knows every port's MAC (no flooding of first frames)
+                fdb.setdefault(bns, []).append(f"fdb add {p.a_mac} dev {p.b_if} master static")
+                for q in members:
+                    if q is not p:
+                        conf[self.nodes[p.a].ns].append(
+                            f"neigh replace {q.a_addr} lladdr {q.a_mac} dev {p.a_if} "
+                            "nud permanent")
         for r in self._routes:
             conf[self.nodes[r.node].ns].append(self._route_cmd(r))
         for ru in self._rules:
@@ -753,9 +786,30 @@ class Testbed:
         for ns in conf:
             self._batch("ip", ns, conf[ns])
             self._batch("tc", ns, tc[ns])
+            self._batch("bridge", ns, fdb.get(ns, []))
         for node, rulesets in self._nft.items():
             for text in rulesets:
                 self.nft(node, text)
+        self._wait_carrier()
+
+    def _wait_carrier(self, timeout: float = 10.0) -> None:
+        """Return when every interface has carrier: veth carrier follows the
+        peer asynchronously (linkwatch, up to ~1 s), and a SYN sent before
+        that is lost and retried only after 1 s."""
+        deadline = time.monotonic() + timeout
+        pending = list(self.nodes.values())
+        while pending:
+            still = []
+            for n in pending:
+                r = _run(["ip", "-n", n.ns, "-j", "link", "show"])
+                if any("NO-CARRIER" in x.get("flags", []) for x in json.loads(r.stdout)):
+                    still.append(n)
+            pending = still
+            if pending:
+                if time.monotonic() > deadline:
+                    raise NetnsError(f"no carrier after {timeout} s in "
+                                     f"{', '.join(n.name for n in pending)}")
+                time.sleep(0.02)
 
     def _route_cmd(self, r: _Route) -> str:
         tail = ""
