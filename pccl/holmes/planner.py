@@ -356,14 +356,40 @@ def best_partition(layout: Layout, total: int) -> tuple[list[int], bool]:
                 if better(k, best_key):
                     best, best_key, improved = cand, k, True
 
-    # Branch and bound over all splits; the bound is what the chosen
-    # prefix already costs plus the cheapest per-micro-batch time of every
-    # remaining stage (every term of the objective only grows).
-    min_t = [min(table[s][x].per_microbatch_s for x in range(1, top + 1)) for s in range(pp)]
-    rest_min = [sum(min_t[s:]) for s in range(pp + 1)]
+    # Branch and bound over all splits.  Lower bound of a prefix: every
+    # remaining stage costs at least its one-layer time plus the cheapest
+    # per-layer slope for the layers beyond one each (per-micro-batch time
+    # is linear in the layers); one of them holds at least ceil(left/k)
+    # layers, so the bottleneck is at least the cheapest stage at that
+    # count; and each remaining stage's exposed sync is at least its
+    # minimum over all counts.
+    t = [[c.per_microbatch_s if c else 0.0 for c in row] for row in table]
+    slope = [t[s][2] - t[s][1] if top >= 2 else 0.0 for s in range(pp)]
+    first = [t[s][1] for s in range(pp)]
+    min_e = [min(table[s][x].dp_exposed_s for x in range(1, top + 1)) for s in range(pp)]
+    suffix_first = [sum(first[s:]) for s in range(pp + 1)]
+    suffix_slope = [min(slope[s:], default=0.0) for s in range(pp + 1)]
+    suffix_e = [max(min_e[s:], default=0.0) for s in range(pp + 1)]
+    # Consecutive stages with identical cost tables are interchangeable; only
+    # splits that do not increase along such a run are searched.
+    same_as_previous = [
+        s > 0 and all(
+            (table[s][x].per_microbatch_s, table[s][x].dp_exposed_s)
+            == (table[s - 1][x].per_microbatch_s, table[s - 1][x].dp_exposed_s)
+            for x in range(1, top + 1))
+        for s in range(pp)
+    ]
     visits = 0
     exact = True
     prefix: list[int] = []
+
+    def bound(s: int, left: int, sum_t: float, max_t: float, max_dp: float) -> float:
+        k = pp - s
+        rest = suffix_first[s] + (left - k) * suffix_slope[s]
+        biggest = -(-left // k)
+        floor_t = min(t[r][min(biggest, top)] for r in range(s, pp))
+        return (sum_t + rest + (m - 1) * max(max_t, floor_t)
+                + max(max_dp, suffix_e[s]))
 
     def search(s: int, left: int, sum_t: float, max_t: float, max_dp: float) -> None:
         nonlocal best, best_key, visits, exact
@@ -371,16 +397,20 @@ def best_partition(layout: Layout, total: int) -> tuple[list[int], bool]:
         if visits > _SEARCH_BUDGET:
             exact = False
             return
-        bound = sum_t + rest_min[s] + (m - 1) * max_t + max_dp
-        if bound > best_key[0] * (1 + _EPS):
+        if bound(s, left, sum_t, max_t, max_dp) > best_key[0] * (1 + _EPS):
             return
         if s == pp - 1:
+            if same_as_previous[s] and left > prefix[-1]:
+                return
             cand = [*prefix, left]
             k = key(cand)
             if better(k, best_key):
                 best, best_key = cand, k
             return
-        for x in range(1, left - (pp - s - 1) + 1):
+        hi = left - (pp - s - 1)
+        if same_as_previous[s]:
+            hi = min(hi, prefix[-1])
+        for x in range(1, hi + 1):
             c = table[s][x]
             prefix.append(x)
             search(s + 1, left - x, sum_t + c.per_microbatch_s, max(max_t, c.per_microbatch_s),
