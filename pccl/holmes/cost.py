@@ -46,6 +46,10 @@ predicts one iteration of Megatron's 1F1B schedule.  The model, step by step
    optimizer step is exposed.  With ``overlap=False`` all of it is exposed.
    The iteration ends when the slowest stage has finished its sync.
 
+Which network a group uses: :func:`select_network` per group (Holmes's
+automatic NIC selection), or, with ``nic_selection=False``, the one network
+every node shares for every group (one global NCCL profile).
+
 Not modelled: the optimizer step's compute, latency per message, the
 tied-embedding all-reduce (embeddings are untied, as in LLaMA), stragglers
 and congestion from other jobs.  All times are per iteration unless the
