@@ -189,6 +189,18 @@ def plan(
     if layers is not None:
         layers = _check_layers(layers, model.layers, pp)
     stage_gpus = world // pp
+    for n in nodes:
+        if n.gpus % tp:
+            raise InvalidArgumentError(
+                f"tp={tp} does not divide the {n.gpus} GPUs of node {n.name!r} "
+                "(tensor parallelism stays inside a node)"
+            )
+    dp = stage_gpus // tp
+    if model.global_batch % (model.micro_batch * dp):
+        raise InvalidArgumentError(
+            f"global_batch {model.global_batch} is not a multiple of micro_batch × dp = "
+            f"{model.micro_batch} × {dp}"
+        )
     if nic_selection is None:
         nic_selection = strategy == "holmes"
 
@@ -211,7 +223,11 @@ def plan(
         if mixed:
             reasons.append(f"stage {mixed[0]} would mix NIC blocks")
             continue
-        layout = Layout(stages, model, tp, overlap, nic_selection)
+        try:
+            layout = Layout(stages, model, tp, overlap, nic_selection)
+        except InvalidArgumentError as exc:  # e.g. a pipeline group sharing no network
+            reasons.append(str(exc))
+            continue
         if layers is not None:
             split, exact = list(layers), True
         else:
@@ -225,9 +241,8 @@ def plan(
             blocks[n.block_kind] = blocks.get(n.block_kind, 0) + n.gpus
         have = ", ".join(f"{k}: {g} GPUs" for k, g in blocks.items())
         raise InvalidArgumentError(
-            f"holmes: no layout keeps every pipeline stage inside one NIC block: each stage "
-            f"needs {stage_gpus} GPUs of whole nodes (tp={tp} × dp={stage_gpus // tp}) and the "
-            f"blocks hold {have}; every block must be a multiple of the stage size "
+            f"holmes: no usable layout: every pipeline stage must be {stage_gpus} GPUs of whole "
+            f"nodes (tp={tp} × dp={dp}) inside one NIC block, and the blocks hold {have} "
             f"({'; '.join(dict.fromkeys(reasons))}). strategy='naive' ignores NICs."
         )
     layout, split, cost, exact = best
