@@ -104,15 +104,15 @@ class Page:
             raise BrowserError(f"evaluating {expression!r}: {reply['exceptionDetails']}")
         return reply["result"].get("value")
 
-    def wait_for(self, expression: str, timeout: float, interval: float = 0.1) -> Any:
-        """Poll ``expression`` until it is truthy (its value is returned);
-        BrowserError after ``timeout`` seconds."""
+    def wait_for(self, expression: str, timeout: float, interval: float = 0.1) -> None:
+        """Poll ``expression`` until it is truthy in JavaScript's sense (an
+        element is); BrowserError after ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
         last: Any = None
         while True:
-            last = self.evaluate(expression)
+            last = self.evaluate(f"Boolean({expression})")
             if last:
-                return last
+                return
             if time.monotonic() >= deadline:
                 raise BrowserError(
                     f"page condition {expression!r} not met within {timeout:g} s (last: {last!r})"
