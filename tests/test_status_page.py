@@ -201,3 +201,150 @@ def test_status_page_follows_a_live_run(tmp_path, chromium):
         gather(live, 120, what="bench")
         assert Path(shot).stat().st_size > 10_000
         assert page.errors == [], page.errors
+
+
+# --------------------------------------------------------------------------
+# The fields status.py derives (no browser needed).
+
+
+def test_ring_edges_follow_send_order():
+    from pccl.master.status import ring_edges
+
+    assert ring_edges([]) == [] and ring_edges(["a"]) == []
+    assert ring_edges(["a", "b"]) == [{"from": "a", "to": "b"}, {"from": "b", "to": "a"}]
+    assert ring_edges(["a", "b", "c"]) == [
+        {"from": "a", "to": "b"}, {"from": "b", "to": "c"}, {"from": "c", "to": "a"}
+    ]
+
+
+def test_rates_and_edge_bandwidth_from_samples():
+    from pccl.master.status import RATE_WINDOW, RateSampler, ring_edges
+
+    def doc(ok, aborted, tx):
+        return {
+            "counters": {"ops_ok": ok, "ops_aborted": aborted},
+            "peers": [{"peer_id": pid, "tx_bytes": n} for pid, n in tx.items()]
+            + [{"peer_id": "c"}],  # reports no byte count
+            "groups": [{"ring": ["a", "b", "c"], "edges": ring_edges(["a", "b", "c"])}],
+        }
+
+    sampler = RateSampler()
+    fresh = doc(0, 0, {})
+    sampler.annotate(0.0, fresh)  # no sample yet: rates unknown, not zero
+    assert fresh["rates"]["collectives_per_s"] is None
+    t = 0.0
+    ok = 0
+    while t <= 3 * RATE_WINDOW:  # 40 collectives/s, 1 abort/s, a sends 1 MB/s, b 2 MB/s
+        sampler.add(t, ok, int(t), {"a": int(1e6 * t), "b": int(2e6 * t)})
+        t += 0.5
+        ok += 20
+    now = t
+    d = doc(ok, int(now), {"a": int(1e6 * now), "b": int(2e6 * now)})
+    sampler.annotate(now, d)
+    assert d["rates"]["window_s"] == pytest.approx(RATE_WINDOW, abs=0.5)
+    assert d["rates"]["collectives_per_s"] == pytest.approx(40, rel=0.01)
+    assert d["rates"]["aborted_per_s"] == pytest.approx(1, rel=0.1)
+    edges = {(e["from"], e["to"]): e.get("bytes_per_s") for e in d["groups"][0]["edges"]}
+    assert edges[("a", "b")] == pytest.approx(1e6, rel=0.01)
+    assert edges[("b", "c")] == pytest.approx(2e6, rel=0.01)
+    assert edges[("c", "a")] is None  # c reports nothing: no bandwidth, not zero
+    assert len(sampler.samples) <= RATE_WINDOW / 0.5 + 2  # bounded memory
+
+
+def test_page_renders_names_bandwidth_and_broken_rings(tmp_path, chromium):
+    """Fields today's master does not fill yet (peer names, byte counts, edge
+    bandwidth) and states a short live run rarely shows (a broken ring, a
+    ring of 12): the page is served with a fixed /status document."""
+    import http.server
+    import threading
+
+    from pccl.master.status import ring_edges, status_page
+
+    big = [f"q{i}" for i in range(12)]
+    ring = ["p1", "p2", "p3"]
+    peers = [
+        {"peer_id": pid, "name": f"trainer-{i}", "state": "admitted", "group": 0,
+         "address": f"127.0.0.1:{5000 + i}", "last_heartbeat_age": 0.1 * i,
+         "connected_for": 30.0, "tx_bytes": 123_456_789 * (i + 1), "rx_bytes": 98_765_432}
+        for i, pid in enumerate(ring)
+    ] + [
+        {"peer_id": pid, "state": "admitted", "group": 1, "address": "127.0.0.1:6000",
+         "last_heartbeat_age": 0.2, "connected_for": 12.0} for pid in big[:11]
+    ] + [
+        {"peer_id": "p9", "name": "<b>late</b>", "state": "pending", "group": 0,
+         "address": "127.0.0.1:7000", "last_heartbeat_age": 0.0, "connected_for": 2.0},
+    ]
+    edges = ring_edges(ring)
+    for i, e in enumerate(edges):
+        e["bytes_per_s"] = 1.5e9 / (i + 1)
+    doc = {
+        "listen": "127.0.0.1:48148", "epoch": 7, "world_size": 14, "auth": True,
+        "uptime_s": 3723.0, "open_ops": 2, "pending": ["p9"],
+        "heartbeat": {"interval": 0.5, "timeout": 3.0},
+        "rates": {"window_s": 5.0, "collectives_per_s": 123.4, "aborted_per_s": 0.0},
+        "counters": {"ops_ok": 98765, "ops_aborted": 3, "peers_joined": 16, "peers_lost": 1,
+                     "peers_evicted": 1, "peers_left": 0},
+        "peers": peers,
+        "groups": [
+            {"group": 0, "ring": ring, "broken": False, "edges": edges},
+            {"group": 1, "ring": big, "broken": True, "edges": ring_edges(big)},
+        ],
+        "events": [
+            {"kind": "lost", "peer_id": "q11", "group": 1, "epoch": 7, "age": 4.0,
+             "reason": "silent for 3.10 s"},
+            {"kind": "joined", "peer_id": "p9", "name": "<b>late</b>", "group": 0, "epoch": 7,
+             "age": 2.0},
+        ],
+    }
+    page_html, body = status_page(), json.dumps(doc).encode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            data, ctype = (body, "application/json") if self.path == "/status" else (
+                page_html, "text/html; charset=utf-8")
+            self.send_response(200)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with Browser.launch(chromium) as browser:
+            page = browser.open(f"http://127.0.0.1:{server.server_address[1]}/")
+            page.wait_for("Number(document.body.dataset.updates) >= 1", PAGE_TIMEOUT)
+            dom = _dump(page, "designed_fields")
+            labels = page.evaluate(
+                "[...document.querySelectorAll('svg[data-group=\"0\"] text.bw')]"
+                ".map(t => t.textContent)"
+            )
+            names = page.evaluate(
+                "[...document.querySelectorAll('#peers tr[data-peer] td:first-child b')]"
+                ".map(b => b.textContent)"
+            )
+            bytes_sent = page.evaluate(
+                "document.querySelector('#peers tr[data-peer=p1] td:nth-child(6)').textContent"
+            )
+            injected = page.evaluate("document.querySelectorAll('#pending li b b').length")
+            page.screenshot(str(ARTIFACTS / "status_page_designed_fields.png"))
+            errors = page.errors
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+    assert errors == [], errors
+    assert labels == ["1.50 GB/s", "750.0 MB/s", "500.0 MB/s"], labels
+    assert names[:3] == ["trainer-0", "trainer-1", "trainer-2"]
+    assert "<b>late</b>" in names  # a name is text, never markup
+    assert injected == 0
+    assert bytes_sent == "123.5 MB"
+    assert dom.pending == ["p9"]
+    assert len(dom.nodes["1"]) == 12 and dom.nodes["1"]["q11"] == "gone"
+    assert len(dom.edges["1"]) == 12
+    assert ("lost", "q11") in dom.events
