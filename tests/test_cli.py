@@ -211,3 +211,63 @@ def test_pccl_master_is_pccl_master(tmp_path):
         assert result.returncode == 0 and json.loads(result.stdout)["peers"] == []
         master.signal(signal.SIGTERM)
         assert master.wait(RUN_TIMEOUT) == 0
+
+
+def test_watch_on_a_terminal_is_live_and_ctrl_c_exits_cleanly(live_run, tmp_path):
+    """On a terminal --watch redraws in place (rich Live); SIGINT (Ctrl-C)
+    ends it with exit code 0 and no traceback."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+    import time
+
+    run, ids = live_run
+    master_fd, slave_fd = pty.openpty()
+    fcntl.ioctl(slave_fd, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 140, 0, 0))
+    chunks: list[bytes] = []
+    cond = threading.Condition()
+
+    def pump() -> None:
+        while True:
+            try:
+                data = os.read(master_fd, 65536)
+            except OSError:  # EIO once the child closed the terminal
+                return
+            if not data:
+                return
+            with cond:
+                chunks.append(data)
+                cond.notify_all()
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    proc = subprocess.Popen(
+        [pccl_script(), "status", run.master.status_address, "--watch", "--interval", "0.2"],
+        cwd=tmp_path, stdin=slave_fd, stdout=slave_fd, stderr=slave_fd, env=child_env(),
+    )
+    try:
+        def seen() -> str:
+            return b"".join(chunks).decode(errors="replace")
+
+        with cond:
+            # Redrawn in place: rich erases the previous lines (ESC [2K) each time.
+            ok = cond.wait_for(
+                lambda: all(pid in seen() for pid in ids) and seen().count("\x1b[2K") > 20,
+                timeout=RUN_TIMEOUT,
+            )
+        assert ok, seen()[-3000:]
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(RUN_TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        os.close(slave_fd)
+        deadline = time.monotonic() + 10
+        reader.join(max(0.0, deadline - time.monotonic()))
+        os.close(master_fd)
+    out = b"".join(chunks).decode(errors="replace")
+    assert code == 0, out[-3000:]
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-3000:]
