@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_hostport,
         default=None,
         metavar="HOST:PORT",
-        help="serve GET /status (JSON) and /metrics (Prometheus text) here; off by default",
+        help="serve the status page (GET /), /status (JSON) and /metrics (Prometheus text) "
+        "here; off by default",
     )
     parser.add_argument(
         "--heartbeat-interval",

@@ -1,8 +1,25 @@
-"""The ``--status`` endpoint: /status (JSON) and /metrics (Prometheus).
+"""The ``--status`` endpoint: / (a page), /status (JSON), /metrics (Prometheus).
 
 A deliberately tiny HTTP/1.1 responder on the master's event loop: it
 answers one GET per connection and closes it.  Requests are bounded in size
 and time, so a slow or hostile client costs one short-lived task.
+
+``/`` is ``status_page.html`` (beside this module): one self-contained page,
+no external asset, that polls ``/status`` every second.  ``/status`` is the
+state machine's snapshot plus what this module derives from it over time
+(docs/operations.md lists every field):
+
+* ``rates``: collectives decided per second (ok and aborted) over the last
+  ``RATE_WINDOW`` seconds, from the master's counters sampled every
+  ``SAMPLE_INTERVAL``;
+* ``pending``: the ids of the peers waiting to be admitted;
+* ``groups[i].edges``: the ring's links in send order, ``{"from", "to"}``
+  (a rank sends to the next one); each edge gets ``bytes_per_s`` once peers
+  report a cumulative ``tx_bytes`` (each peer sends only to its successor,
+  so the rate of its counter is that link's bandwidth);
+* ``heartbeat`` (``interval``, ``timeout``: the master's settings, so a
+  reader can tell a late heartbeat), ``uptime_s`` and ``time`` (the
+  master's wall clock, seconds since the Unix epoch).
 """
 
 from __future__ import annotations
@@ -11,7 +28,10 @@ import asyncio
 import contextlib
 import json
 import logging
-from typing import TYPE_CHECKING
+import time
+from collections import deque
+from importlib import resources
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -26,6 +46,61 @@ log = logging.getLogger("pccl.master")
 MAX_REQUEST = 8192  # bytes of request line + headers
 REQUEST_TIMEOUT = 5.0
 PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+HTML_TYPE = "text/html; charset=utf-8"
+SAMPLE_INTERVAL = 0.5  # seconds between samples of the counters
+RATE_WINDOW = 5.0  # seconds the rates are averaged over
+
+
+def status_page() -> bytes:
+    """The status page's HTML (read from the installed package)."""
+    return resources.files(__package__).joinpath("status_page.html").read_bytes()
+
+
+def ring_edges(ring: list[str]) -> list[dict[str, Any]]:
+    """The links of a ring in send order: rank i sends to rank i+1."""
+    if len(ring) < 2:
+        return []
+    return [{"from": a, "to": ring[(i + 1) % len(ring)]} for i, a in enumerate(ring)]
+
+
+class RateSampler:
+    """Samples the master's counters (and peers' ``tx_bytes`` when they
+    report it) and turns them into per-second rates over ``window`` s."""
+
+    def __init__(self, window: float = RATE_WINDOW):
+        self.window = window
+        # (time, ops_ok, ops_aborted, {peer_id: tx_bytes})
+        self.samples: deque[tuple[float, int, int, dict[str, int]]] = deque()
+
+    def add(self, now: float, ops_ok: int, ops_aborted: int, tx: dict[str, int]) -> None:
+        self.samples.append((now, ops_ok, ops_aborted, tx))
+        # Keep one sample at least `window` old, so a rate always spans it.
+        while len(self.samples) > 2 and now - self.samples[1][0] >= self.window:
+            self.samples.popleft()
+
+    def annotate(self, now: float, doc: dict[str, Any]) -> None:
+        """Add ``rates`` and edge ``bytes_per_s`` to a /status document."""
+        counters = doc["counters"]
+        rates: dict[str, Any] = {"window_s": 0.0, "collectives_per_s": None, "aborted_per_s": None}
+        tx_rate: dict[str, float] = {}
+        if self.samples:
+            t0, ok0, ab0, tx0 = self.samples[0]
+            span = now - t0
+            if span >= SAMPLE_INTERVAL / 2:
+                rates = {
+                    "window_s": round(span, 3),
+                    "collectives_per_s": round((counters["ops_ok"] - ok0) / span, 2),
+                    "aborted_per_s": round((counters["ops_aborted"] - ab0) / span, 2),
+                }
+                for p in doc["peers"]:
+                    if "tx_bytes" in p and p["peer_id"] in tx0:
+                        delta = int(p["tx_bytes"]) - tx0[p["peer_id"]]
+                        tx_rate[p["peer_id"]] = max(0.0, delta / span)
+        doc["rates"] = rates
+        for group in doc["groups"]:
+            for edge in group["edges"]:
+                if edge["from"] in tx_rate:
+                    edge["bytes_per_s"] = round(tx_rate[edge["from"]], 1)
 
 
 class MasterCollector:
@@ -87,17 +162,29 @@ class StatusServer:
         self.registry.register(MasterCollector(master))
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task] = set()
+        self._sampler_task: asyncio.Task | None = None
+        self.rates = RateSampler()
+        self.started_at = 0.0
+        self._page: bytes | None = None
 
     async def start(self) -> str:
+        self._page = status_page()  # read once: a missing file fails here, not per request
         self._server = await asyncio.start_server(
             self._on_connect, self.host, self.port, reuse_address=True, limit=MAX_REQUEST
         )
+        loop = asyncio.get_running_loop()
+        self.started_at = loop.time()
+        self._sampler_task = loop.create_task(self._sample_loop(), name="pccl-master-status")
         sockname = self._server.sockets[0].getsockname()
         return protocol.format_hostport(str(sockname[0]), int(sockname[1]))
 
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
+        if self._sampler_task is not None:
+            self._sampler_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait_for(self._sampler_task, 2.0)
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -136,6 +223,38 @@ class StatusServer:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer.wait_closed(), REQUEST_TIMEOUT)
 
+    async def _sample_loop(self) -> None:
+        while True:
+            try:
+                state = self.master.state
+                tx = {
+                    pid: int(p.tx_bytes)  # type: ignore[attr-defined]
+                    for pid, p in state.peers.items()
+                    if getattr(p, "tx_bytes", None) is not None
+                }
+                c = state.counters
+                self.rates.add(self.master.now(), c["ops_ok"], c["ops_aborted"], tx)
+            except Exception:  # a bug must not stop the endpoint
+                log.exception("status: sampling the counters failed")
+            await asyncio.sleep(SAMPLE_INTERVAL)
+
+    def document(self) -> dict[str, Any]:
+        """The /status document: the master's snapshot plus derived fields."""
+        now = self.master.now()
+        doc = self.master.status()
+        doc["pending"] = [p["peer_id"] for p in doc["peers"] if p["state"] == "pending"]
+        for group in doc["groups"]:
+            group["edges"] = ring_edges(group["ring"])
+        self.rates.annotate(now, doc)
+        state = self.master.state
+        doc["heartbeat"] = {
+            "interval": state.heartbeat_interval,
+            "timeout": state.heartbeat_timeout,
+        }
+        doc["uptime_s"] = round(now - self.started_at, 3)
+        doc["time"] = round(time.time(), 3)
+        return doc
+
     def _respond(self, head: bytes) -> tuple[str, str, bytes]:
         request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
         parts = request_line.split(" ")
@@ -146,8 +265,10 @@ class StatusServer:
             return "405 Method Not Allowed", "text/plain", b"only GET\n"
         path = target.split("?", 1)[0]
         if path == "/status":
-            doc = json.dumps(self.master.status(), indent=1, sort_keys=True)
+            doc = json.dumps(self.document(), indent=1, sort_keys=True)
             return "200 OK", "application/json", doc.encode() + b"\n"
         if path == "/metrics":
             return "200 OK", PROMETHEUS_TYPE, generate_latest(self.registry)
-        return "404 Not Found", "text/plain", b"not found: try /status or /metrics\n"
+        if path in ("/", "/index.html"):
+            return "200 OK", HTML_TYPE, self._page or status_page()
+        return "404 Not Found", "text/plain", b"not found: try /, /status or /metrics\n"

@@ -101,6 +101,69 @@ class RevisionRecord:
     reporters: int = 1
 
 
+class Progress:
+    """The run's progress on stderr: a tqdm bar on a terminal; elsewhere (a
+    pipe, a CI log) one plain line every ``interval`` seconds, so a log file
+    gets a few lines rather than megabytes of carriage-return frames.
+    ``counts`` (of :meth:`update`) is the short status text shown beside the
+    bar or on the line.
+    """
+
+    def __init__(
+        self, duration: float, *, enabled: bool = True, interval: float = 5.0, stream=None
+    ):
+        self.stream = sys.stderr if stream is None else stream
+        self.duration = duration
+        self.enabled = enabled
+        self.interval = interval
+        self.tty = _isatty(self.stream)
+        self._bar = None
+        self._next_line = time.monotonic() + interval
+        if enabled and self.tty:
+            from tqdm import tqdm
+
+            self._bar = tqdm(
+                total=int(duration), unit="s", file=self.stream,
+                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} s {postfix}",
+            )
+
+    def update(self, elapsed: float, counts: str) -> None:
+        if self._bar is not None:
+            self._bar.n = min(int(elapsed), int(self.duration))
+            self._bar.set_postfix_str(counts, refresh=True)
+        elif self.enabled and time.monotonic() >= self._next_line:
+            self._next_line = time.monotonic() + self.interval
+            self._line(elapsed, counts)
+
+    def write(self, text: str) -> None:
+        """A log line that does not break the bar."""
+        if self._bar is not None:
+            self._bar.write(text, file=self.stream)
+        else:
+            print(text, file=self.stream, flush=True)
+
+    def close(self, elapsed: float, counts: str) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        elif self.enabled:
+            self._line(min(elapsed, self.duration), counts, " done")
+
+    def _line(self, elapsed: float, counts: str, note: str = "") -> None:
+        print(
+            f"progress {elapsed:5.0f}/{self.duration:g} s{note}  {counts}",
+            file=self.stream,
+            flush=True,
+        )
+
+
+def _isatty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or closed
+        return False
+
+
 class Orchestrator:
     def __init__(self, args: argparse.Namespace):
         self.a = args
@@ -346,7 +409,7 @@ class Orchestrator:
 
     def _write(self, text: str) -> None:
         if self.bar is not None:
-            self.bar.write(text, file=sys.stderr)
+            self.bar.write(text)
         else:
             print(text, file=sys.stderr, flush=True)
 
@@ -518,17 +581,14 @@ class Orchestrator:
 
     def run(self) -> int:
         a = self.a
-        from tqdm import tqdm
-
         self.start_master()
         for _ in range(a.peers):
             self.spawn_peer(joiner=False)
         self.build_schedule()
         self.t_start = time.monotonic()
         self.last_progress = self.t_start
-        self.bar = tqdm(
-            total=int(a.duration), unit="s", file=sys.stderr, disable=a.no_progress,
-            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} s {postfix}",
+        self.bar = Progress(
+            a.duration, enabled=not a.no_progress, interval=a.progress_interval
         )
         try:
             last_ring_check = 0.0
@@ -552,18 +612,19 @@ class Orchestrator:
                     last_ring_check = now
                 if now - self.last_progress > a.hang_timeout:
                     self.fail(self.hang_report())
-                self.bar.n = min(int(elapsed), int(a.duration))
-                self.bar.set_postfix_str(
-                    f"rev {self.max_rev} peers {len(self.running())} "
-                    f"K{self.counts['kills']} S{self.counts['stops']} J{self.counts['joins']} "
-                    f"C{self.counts['cuts']} ab{self.counts['aborted']}",
-                    refresh=True,
-                )
+                self.bar.update(elapsed, self.progress_text())
             self.finish()
         finally:
-            self.bar.close()
+            self.bar.close(time.monotonic() - self.t_start, self.progress_text())
             self.bar = None
         return 0
+
+    def progress_text(self) -> str:
+        c = self.counts
+        return (
+            f"rev {self.max_rev} peers {len(self.running())} "
+            f"K{c['kills']} S{c['stops']} J{c['joins']} C{c['cuts']} ab{c['aborted']}"
+        )
 
     def hang_report(self) -> str:
         lines = [f"HANG: no new revision for {self.a.hang_timeout:g} s (newest {self.max_rev})"]
@@ -740,7 +801,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hang-timeout", type=float, default=45.0,
                    help="fail when no new revision completes for this long")
     g = p.add_argument_group("output")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
+    g.add_argument("--progress-interval", type=float, default=5.0, metavar="SECONDS",
+                   help="when stderr is not a terminal, print a one-line summary this often "
+                   "instead of a progress bar")
     g.add_argument("-v", "--verbose", action="store_true", help="log every fault and event")
     g.add_argument("--peer-log-level", default="WARNING", help="peers' log level (their logs "
                    "are in the work directory, printed on failure)")
