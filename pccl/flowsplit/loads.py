@@ -32,7 +32,7 @@ import numpy as np
 
 from ..errors import InvalidArgumentError
 from .model import Flow, Topology, check_flows
-from .planner import plan, plan_single
+from .planner import _assign
 
 __all__ = [
     "SCHEMES",
@@ -103,25 +103,44 @@ class _Prepared:
         np.add.at(host, topo.hosts + self.dst, self.nbytes.astype(float))
         self.host_loads = host
         self.gbps = topo.link_gbps()
+        self._static: dict[int, tuple] = {}
+        self._plans: dict[str, list] = {}
 
     def loads(self, flow_idx: np.ndarray, nbytes: np.ndarray, path: np.ndarray) -> np.ndarray:
         """Host loads plus the fabric loads of the pieces
         (flow index, bytes, path) of remote flows."""
         loads = self.host_loads.copy()
         if len(flow_idx):
-            ids = self.topo.path_link_ids(self.src_leaf[flow_idx], self.dst_leaf[flow_idx], path)
-            w = np.broadcast_to(np.asarray(nbytes, dtype=float)[:, None], ids.shape)
-            ok = ids >= 0
-            loads += np.bincount(ids[ok], weights=w[ok], minlength=len(loads))
+            w = np.asarray(nbytes, dtype=float)
+            n = len(loads)
+            hops = self.topo.path_hops(self.src_leaf[flow_idx], self.dst_leaf[flow_idx], path)
+            for ids in hops:
+                if ids.min() >= 0:
+                    loads += np.bincount(ids, weights=w, minlength=n)
+                else:
+                    ok = ids >= 0
+                    loads += np.bincount(ids[ok], weights=w[ok], minlength=n)
         return loads
+
+    def _hashed_static(self, x: int):
+        """The seed-independent arrays of the ``x``-way hashed pieces."""
+        cached = self._static.get(x)
+        if cached is None:
+            rem = self.remote
+            idx = np.repeat(rem, x)
+            piece = np.tile(np.arange(x, dtype=np.int64), len(rem))
+            base, extra = np.divmod(self.nbytes[idx], x)
+            nbytes = (base + (piece < extra)).astype(float)
+            key = (idx * x + piece).astype(np.uint64)
+            paths = self.paths[idx].astype(np.uint64)
+            cached = self._static[x] = (idx, nbytes, key, paths)
+        return cached
 
     def pieces(self, scheme: str, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         kind, x = _parse_scheme(scheme)
         rem = self.remote
         if kind in ("minimal", "single"):
-            sub = plan(self.topo, self.flows) if kind == "minimal" else plan_single(
-                self.topo, self.flows
-            )
+            sub = self.planned(kind)
             sub = [sf for sf in sub if sf.path is not None]
             return (
                 np.array([sf.flow for sf in sub], dtype=np.int64),
@@ -135,16 +154,26 @@ class _Prepared:
             path = np.arange(len(idx), dtype=np.int64) - starts
             return idx, self.nbytes[idx] / self.paths[idx], path
         # ecmp / mp-x: x pieces per flow, each hashed on (seed, flow, piece)
-        idx = np.repeat(rem, x)
-        piece = np.tile(np.arange(x, dtype=np.int64), len(rem))
-        base, extra = np.divmod(self.nbytes[idx], x)
-        nbytes = (base + (piece < extra)).astype(float)
-        key = (idx * x + piece).astype(np.uint64)
+        idx, nbytes, key, paths = self._hashed_static(x)
         seed_mix = _splitmix64(np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))[0]
-        with np.errstate(over="ignore"):
-            h = _splitmix64(_splitmix64(key ^ seed_mix))
-        path = (h % self.paths[idx].astype(np.uint64)).astype(np.int64)
-        return idx, nbytes, path
+        h = _splitmix64(key ^ seed_mix)
+        return idx, nbytes, (h % paths).astype(np.int64)
+
+    def planned(self, kind: str) -> list:
+        """The plan of ``minimal`` or ``single`` (computed once; the flows
+        were checked already)."""
+        if kind not in self._plans:
+            split = kind == "minimal"
+            self._plans[kind] = _assign(self.topo, self.flows, split=split, align=1)
+        return self._plans[kind]
+
+    def subflows(self, scheme: str) -> int:
+        kind, x = _parse_scheme(scheme)
+        if kind == "minimal":
+            return len(self.planned("minimal"))
+        if kind == "mp":
+            return len(self.remote) * x + (len(self.flows) - len(self.remote))
+        return len(self.flows)
 
     def scheme_loads(self, scheme: str, seed: int) -> np.ndarray:
         return self.loads(*self.pieces(scheme, seed))
@@ -202,14 +231,8 @@ def subflow_count(topo: Topology, flows: Sequence[Flow], scheme: str) -> int:
     for ``ecmp``, ``single`` and ``spray`` (spraying splits packets, not
     connections), ``x`` per remote flow for ``mp-x`` (local flows need one),
     ``len(plan(...))`` for ``minimal``."""
-    kind, x = _parse_scheme(scheme)
-    check_flows(topo, flows)
-    if kind == "minimal":
-        return len(plan(topo, flows))
-    if kind == "mp":
-        remote = sum(topo.leaf_of(f.src) != topo.leaf_of(f.dst) for f in flows)
-        return remote * x + (len(flows) - remote)
-    return len(flows)
+    _parse_scheme(scheme)
+    return _Prepared(topo, flows).subflows(scheme)
 
 
 @dataclass(frozen=True)
@@ -239,8 +262,10 @@ def monte_carlo(
     _parse_scheme(scheme)
     if isinstance(trials, bool) or not isinstance(trials, (int, np.integer)) or trials < 1:
         raise InvalidArgumentError(f"trials must be a positive integer, got {trials!r}")
-    seed = _check_seed(seed)
-    prep = _Prepared(topo, flows)
+    return _monte_carlo(_Prepared(topo, flows), scheme, int(trials), _check_seed(seed))
+
+
+def _monte_carlo(prep: _Prepared, scheme: str, trials: int, seed: int) -> MonteCarlo:
     n = trials if _is_random(scheme) else 1
     maxes = np.empty(n)
     times = np.empty(n)

@@ -97,12 +97,18 @@ class Topology:
     def num_paths_array(self, src_leaf: np.ndarray, dst_leaf: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
+    def path_hops(
+        self, src_leaf: np.ndarray, dst_leaf: np.ndarray, path: np.ndarray
+    ) -> list[np.ndarray]:
+        """Fabric link ids of each (source leaf, destination leaf, path), one
+        int64 array per hop, ``-1`` where a path is shorter."""
+        raise NotImplementedError
+
     def path_link_ids(
         self, src_leaf: np.ndarray, dst_leaf: np.ndarray, path: np.ndarray
     ) -> np.ndarray:
-        """Fabric link ids of each (source leaf, destination leaf, path):
-        an ``(m, hops)`` int array, ``-1`` where a path is shorter."""
-        raise NotImplementedError
+        """:meth:`path_hops` as one ``(m, hops)`` array."""
+        return np.stack(self.path_hops(src_leaf, dst_leaf, path), axis=-1)
 
     # -- links -----------------------------------------------------------------
     @property
@@ -163,14 +169,15 @@ class LeafSpine(Topology):
     def num_paths_array(self, src_leaf: np.ndarray, dst_leaf: np.ndarray) -> np.ndarray:
         return np.full(np.shape(src_leaf), self.spines, dtype=np.int64)
 
-    def path_link_ids(
+    def path_hops(
         self, src_leaf: np.ndarray, dst_leaf: np.ndarray, path: np.ndarray
-    ) -> np.ndarray:
+    ) -> list[np.ndarray]:
         base = self.first_fabric_link
-        up = base + np.asarray(src_leaf) * self.spines + np.asarray(path)
-        down = base + self.leaves * self.spines + np.asarray(path) * self.leaves
-        down = down + np.asarray(dst_leaf)
-        return np.stack([up, down], axis=-1).astype(np.int64)
+        path = np.asarray(path, dtype=np.int64)
+        up = base + np.asarray(src_leaf, dtype=np.int64) * self.spines + path
+        down = (base + self.leaves * self.spines) + path * self.leaves
+        down += np.asarray(dst_leaf, dtype=np.int64)
+        return [up, down]
 
     def link_names(self) -> list[tuple]:
         names: list[tuple] = [("host-up", h) for h in range(self.hosts)]
@@ -245,9 +252,9 @@ class FatTree(Topology):
         )
         return np.where(same_pod, self.aggs_per_pod, self.aggs_per_pod * self.cores_per_agg)
 
-    def path_link_ids(
+    def path_hops(
         self, src_leaf: np.ndarray, dst_leaf: np.ndarray, path: np.ndarray
-    ) -> np.ndarray:
+    ) -> list[np.ndarray]:
         src_leaf = np.asarray(src_leaf, dtype=np.int64)
         dst_leaf = np.asarray(dst_leaf, dtype=np.int64)
         path = np.asarray(path, dtype=np.int64)
@@ -266,7 +273,7 @@ class FatTree(Topology):
         up2 = np.where(same_pod, -1, b_agg_core + (src_pod * A + agg) * C + core)
         down2 = np.where(same_pod, -1, b_core_agg + (agg * C + core) * self.pods + dst_pod)
         down1 = b_agg_tor + agg * T + dst_leaf
-        return np.stack([up1, up2, down2, down1], axis=-1).astype(np.int64)
+        return [up1, up2, down2, down1]
 
     def link_names(self) -> list[tuple]:
         T, A, C, P = self.leaves, self.aggs_per_pod, self.cores_per_agg, self.pods
@@ -296,14 +303,23 @@ def check_flows(topo: Topology, flows: Sequence[Flow]) -> None:
     byte count."""
     if not isinstance(topo, Topology):
         raise InvalidArgumentError(f"topo must be a LeafSpine or FatTree, got {topo!r}")
+    hosts = topo.hosts
     for i, f in enumerate(flows):
         if not isinstance(f, Flow):
             raise InvalidArgumentError(f"flows[{i}] is not a Flow: {f!r}")
-        topo.leaf_of(f.src)
-        topo.leaf_of(f.dst)
-        if f.src == f.dst:
-            raise InvalidArgumentError(f"flows[{i}] sends from host {f.src} to itself")
-        if isinstance(f.nbytes, bool) or not isinstance(f.nbytes, (int, np.integer)):
-            raise InvalidArgumentError(f"flows[{i}].nbytes must be an integer, got {f.nbytes!r}")
-        if f.nbytes < 0:
-            raise InvalidArgumentError(f"flows[{i}].nbytes is negative ({f.nbytes})")
+        src, dst, nbytes = f.src, f.dst, f.nbytes
+        if type(src) is int and type(dst) is int and type(nbytes) is int:
+            # the fast path; anything unusual falls through to the checks below
+            if 0 <= src < hosts and 0 <= dst < hosts and src != dst and nbytes >= 0:
+                continue
+        for name, host in (("src", src), ("dst", dst)):
+            try:
+                topo.leaf_of(host)
+            except InvalidArgumentError as e:
+                raise InvalidArgumentError(f"flows[{i}].{name}: {e}") from None
+        if src == dst:
+            raise InvalidArgumentError(f"flows[{i}] sends from host {src} to itself")
+        if isinstance(nbytes, bool) or not isinstance(nbytes, (int, np.integer)):
+            raise InvalidArgumentError(f"flows[{i}].nbytes must be an integer, got {nbytes!r}")
+        if nbytes < 0:
+            raise InvalidArgumentError(f"flows[{i}].nbytes is negative ({nbytes})")

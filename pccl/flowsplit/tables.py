@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from ..errors import InvalidArgumentError
-from .loads import SCHEMES, _is_random, _Prepared, monte_carlo, subflow_count
+from .loads import SCHEMES, _is_random, _monte_carlo, _Prepared
 from .model import FatTree, LeafSpine, Topology
 from .traffic import PATTERNS, pattern
 
@@ -92,14 +92,14 @@ def compare(
         spray_load, ideal = prep.max_fabric(spray), prep.time(spray)
         for scheme in schemes:
             if _is_random(scheme):
-                mc = monte_carlo(topo, flows, scheme, trials=trials, seed=seed)
+                mc = _monte_carlo(prep, scheme, trials, seed)
                 load, load99, t, t99 = mc.mean, mc.p99, mc.time_mean, mc.time_p99
             else:
                 loads = prep.scheme_loads(scheme, seed)
                 load, load99, t, t99 = prep.max_fabric(loads), None, prep.time(loads), None
             rows.append(
                 Row(name, scheme, len(flows), load, load99, spray_load, t, t99, ideal,
-                    subflow_count(topo, flows, scheme))
+                    prep.subflows(scheme))
             )
     return rows
 
