@@ -23,10 +23,10 @@ link busy at its full rate until its bytes are through).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from math import factorial
-from typing import Sequence
 
 import numpy as np
 
@@ -206,7 +206,7 @@ def link_loads(
     """Bytes on every link, keyed by link name (``("up", leaf, spine)``,
     ``("down", spine, leaf)``, ``("host-up", h)``, ...)."""
     loads = link_load_array(topo, flows, scheme, seed)
-    return dict(zip(topo.link_names(), (float(v) for v in loads)))
+    return dict(zip(topo.link_names(), (float(v) for v in loads), strict=True))
 
 
 def max_link_load(topo: Topology, flows: Sequence[Flow], scheme: str, seed: int = 0) -> float:

@@ -19,8 +19,8 @@ rate.  Loads are computed over these ids by :mod:`pccl.flowsplit.loads`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 

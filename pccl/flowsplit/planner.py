@@ -44,8 +44,8 @@ Rules this module adds where the paper is silent:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from math import gcd
-from typing import Sequence
 
 import numpy as np
 
@@ -222,7 +222,7 @@ def flow_connections(
         raise InvalidArgumentError(f"align must be a positive integer, got {align!r}")
     counts = _apportion([sf.nbytes for sf in mine], int(connections))
     out: list[tuple[int | None, int]] = []
-    for sf, c in zip(mine, counts):
+    for sf, c in zip(mine, counts, strict=True):
         if sf.nbytes % align:
             raise InvalidArgumentError(f"sub-flow of {sf.nbytes} B is not a multiple of {align}")
         units = sf.nbytes // align

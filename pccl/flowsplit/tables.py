@@ -5,8 +5,8 @@ named fabric, normalised to ideal spraying."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from ..errors import InvalidArgumentError
 from .loads import SCHEMES, _is_random, _monte_carlo, _Prepared
@@ -162,10 +162,10 @@ def render_tables(tables: Sequence[tuple[str, list[str], list[list[str]]]], file
         from rich.table import Table
     except ImportError:  # pragma: no cover - rich is in the bench/dev extras
         for title, head, body in tables:
-            widths = [max(len(x) for x in col) for col in zip(head, *body)]
+            widths = [max(len(x) for x in col) for col in zip(head, *body, strict=False)]
             print(title, file=out)
             for line in [head] + body:
-                print("  ".join(x.ljust(w) for x, w in zip(line, widths)), file=out)
+                print("  ".join(x.ljust(w) for x, w in zip(line, widths, strict=False)), file=out)
             print(file=out)
         return
     console = Console(file=out, width=200)

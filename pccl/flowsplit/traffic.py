@@ -18,7 +18,7 @@ leaf) or ``"random"`` (a seeded random permutation of the hosts).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
