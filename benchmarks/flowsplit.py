@@ -64,7 +64,7 @@ def _plot(results: dict, out: Path) -> Path:
                 tops = [cell[(p, scheme)][p99] for p in patterns]
                 err = [
                     [0.0] * len(ys),
-                    [(t - y) if t is not None and not math.isnan(y) else 0.0
+                    [max(t - y, 0.0) if t is not None and not math.isnan(y) else 0.0
                      for t, y in zip(tops, ys, strict=True)],
                 ]
                 ax.bar(xs, ys, width, label=scheme, yerr=err, capsize=2)
