@@ -14,7 +14,7 @@
 
 #include "coll/kernels.h"
 #include "coll/quant.h"
-#include "core/comm.h"
+#include "core/engine.h"
 #include "platform/plat.h"
 #include "pccl.h"
 #include "ringutil.h"
