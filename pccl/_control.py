@@ -52,8 +52,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
+from . import _wire as protocol
 from . import errors
-from .master import protocol
 
 log = logging.getLogger("pccl.control")
 

@@ -464,6 +464,34 @@ for _d in DType:
     _ELEMENT_SIZE[_d] = _sz[0]
 del _d, _sz
 
+
+
+def element_size(dtype: DType) -> int:
+    """Bytes per element of ``dtype``."""
+    return _ELEMENT_SIZE[dtype]
+
+
+def tensor_memory(x: Any, name: str = "tensor") -> tuple[int, int, str, tuple[int, ...]]:
+    """``(address, nbytes, dtype name, shape)`` of a contiguous tensor,
+    without copying (for the shared-state layer)."""
+    address, count, dtype, shape = buffer_info(x, name)
+    return address, count * _ELEMENT_SIZE[dtype], dtype.name.lower(), tuple(int(d) for d in shape)
+
+
+def memory_view(address: int, nbytes: int) -> bytes | memoryview:
+    """A buffer over ``nbytes`` at ``address`` (no copy; the caller keeps
+    the memory alive while the buffer is used)."""
+    if nbytes == 0:
+        return b""
+    return memoryview(ffi.buffer(ffi.cast("char *", address), nbytes))
+
+
+def copy_memory(dst: int, src: int, nbytes: int) -> None:
+    """``memmove(dst, src, nbytes)`` between two addresses."""
+    if nbytes:
+        ffi.memmove(ffi.cast("void *", dst), ffi.cast("const void *", src), nbytes)
+
+
 _FLOAT_DTYPES = frozenset({DType.FLOAT32, DType.FLOAT64, DType.FLOAT16, DType.BFLOAT16})
 
 

@@ -27,7 +27,7 @@ import numpy as np
 from . import errors
 from ._control import MasterLink
 from ._native import NativeComm, buffer_info
-from .master.protocol import format_hostport, parse_hostport
+from ._wire import format_hostport, parse_hostport
 from .shared_state import SharedState, SyncInfo, SyncStrategy, synchronize
 from .types import Quantization, ReduceInfo, ReduceOp
 
@@ -454,7 +454,13 @@ class Communicator:
         them) and verify them before overwriting.  ``strategy`` is a
         :class:`pccl.SyncStrategy`.
         """
-        return synchronize(self, state, strategy)
+        return synchronize(self._sync_port(), state, strategy)
+
+    def _sync_port(self) -> _SyncPort:
+        link = self._check_connected()
+        native = self._native
+        assert native is not None
+        return _SyncPort(link, native, self._req)
 
     # ------------------------------------------------------------------
     # Collectives.
@@ -721,6 +727,37 @@ class Communicator:
     def _bounded(cls, deadline: float | None, limit: float) -> float:
         remaining = cls._remaining(deadline)
         return limit if remaining is None else min(limit, remaining)
+
+
+class _SyncPort:
+    """The communicator's side of a shared-state sync
+    (:class:`pccl.shared_state.SyncPort`): its native transfers and the
+    master exchanges of one sync."""
+
+    __slots__ = ("_link", "_native", "_req")
+
+    def __init__(self, link: MasterLink, native: NativeComm, req: itertools.count):
+        self._link = link
+        self._native = native
+        self._req = req
+
+    @property
+    def transfers(self) -> NativeComm:
+        return self._native
+
+    def plan(self, report: dict[str, Any]) -> dict[str, Any]:
+        req = next(self._req)
+        key = ("sync", req)
+        fut = self._link.expect(key)
+        self._link.send({"type": "sync_state", "req": req, **report})
+        return self._link.wait(key, fut, None, "sync_shared_state")
+
+    def done(self, revision: int, ok: bool) -> None:
+        self._link.send({"type": "sync_done", "revision": revision, "ok": ok})
+
+    def wait_released(self, revision: int) -> None:
+        end = ("sync_end", revision)
+        self._link.wait(end, self._link.expect(end), None, "shared-state transfer")
 
 
 def _copy_into(dst, src) -> None:

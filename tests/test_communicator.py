@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 import pccl
-from pccl.master import protocol
+from pccl import _wire as protocol
 from pccl.testing.peer_worker import MasterProcess
 
 HEARTBEAT_TIMEOUT = 1.5

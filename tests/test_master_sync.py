@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from pccl.master import protocol
+from pccl import _wire as protocol
 from pccl.master.state import ADMITTED, Actions, MasterState
 from pccl.master.sync import SyncReport, elect
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from .protocol import parse_hostport
+from .._wire import parse_hostport
 
 __all__ = ["MasterNode"]
 

@@ -8,7 +8,7 @@ import logging
 import signal
 import sys
 
-from .protocol import parse_hostport
+from .._wire import parse_hostport
 
 DEFAULT_LISTEN = "0.0.0.0:48148"
 

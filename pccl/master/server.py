@@ -21,8 +21,8 @@ import logging
 import socket
 from typing import Any
 
-from . import protocol
-from .protocol import ProtocolViolation
+from .. import _wire as protocol
+from .._wire import ProtocolViolation
 from .state import Actions, Event, MasterState
 
 log = logging.getLogger("pccl.master")
