@@ -20,6 +20,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -43,6 +44,42 @@ _USAGE_ERRORS = (
     errors.BusyError,
     errors.ClosedError,
 )
+
+
+@dataclass(frozen=True)
+class RingState:
+    """Everything the communicator knows about its ring, as one value.
+
+    Replaced whole (never mutated) under ``Communicator._lock``, by the
+    calling thread (topology installs, failed operations) and by the master
+    link's thread (aborts, a lost link); a reader takes one snapshot and
+    sees a consistent ring.
+    """
+
+    epoch: int | None = None  # the working ring's epoch; None: no working ring
+    floor: int = 0  # newest epoch this peer has a ring of or builds one for
+    aborted: int = -1  # newest epoch the master aborted (rings up to it are dead)
+    rank: int = 0
+    order: tuple[str, ...] = ()  # peer ids in send order
+    world_size: int = 0  # admitted peers in the whole run
+    group_world_size: int = 0
+
+    @property
+    def working(self) -> bool:
+        return self.epoch is not None
+
+    @property
+    def op_epoch(self) -> int:
+        """The epoch an operation started now belongs to (aborts of older
+        epochs are stale)."""
+        return self.epoch if self.epoch is not None else self.floor
+
+    def broken(self, op_epoch: int | None = None) -> RingState:
+        """This ring after a failure (of an operation of ``op_epoch``: a
+        failure of an older ring's operation leaves a newer ring alone)."""
+        if self.epoch is None or (op_epoch is not None and op_epoch < self.epoch):
+            return self
+        return replace(self, epoch=None)
 
 
 class ReduceHandle:
@@ -127,11 +164,11 @@ class ReduceHandle:
             report["ok"] = local_error is None
             verdict = link.request(("op", epoch, tag, seq), report, None, "all_reduce outcome")
         except errors.PcclError as exc:
-            comm._ring_broken = True
+            comm._ring_failed(epoch)
             comm._release_scratch(tag, self._scratch)
             raise exc from local_error
         if local_error is not None or not verdict["ok"]:
-            comm._ring_broken = True
+            comm._ring_failed(epoch)
             comm._release_scratch(tag, self._scratch)
             why = f"this peer: {local_error}" if local_error else "another peer failed or was lost"
             raise errors.PeerLostError(
@@ -217,19 +254,12 @@ class Communicator:
         self._admitted = False
         self._peer_id: str | None = None
         self._req = itertools.count(1)
-        # Ring state.  _epoch_floor: the newest epoch this peer has a ring
-        # of or is building one for (aborts of older epochs are stale).
-        self._ring_epoch: int | None = None
-        self._ring_broken = True
-        self._epoch_floor = 0
-        self._aborted_epoch = -1
-        self._rank = 0
-        self._ring: list[str] = []
-        self._world_size = 0
-        self._group_world_size = 0
-        # Operations: the n-th op with a tag in an epoch has seq n, exactly
-        # as the native core counts them (it restarts with every set_ring).
-        self._op_lock = threading.Lock()
+        # _lock guards the ring state (one immutable value, replaced whole)
+        # and the per-tag sequence numbers: the n-th op with a tag in an
+        # epoch has seq n, exactly as the native core counts them (it
+        # restarts with every set_ring).  Held briefly, never across I/O.
+        self._lock = threading.Lock()
+        self._ring = RingState()
         self._seq: dict[int, int] = {}
         self._scratch: dict[int, Any] = {}
 
@@ -239,17 +269,17 @@ class Communicator:
     @property
     def world_size(self) -> int:
         """Admitted peers in the whole run (all groups), as of the last topology."""
-        return self._world_size
+        return self._ring.world_size
 
     @property
     def group_world_size(self) -> int:
         """Peers in this peer group's ring, as of the last topology."""
-        return self._group_world_size
+        return self._ring.group_world_size
 
     @property
     def rank(self) -> int:
         """This peer's position in its group's ring."""
-        return self._rank
+        return self._ring.rank
 
     @property
     def peer_group(self) -> int:
@@ -262,8 +292,9 @@ class Communicator:
 
     @property
     def epoch(self) -> int | None:
-        """The epoch of the ring in use (None without a working ring)."""
-        return self._ring_epoch
+        """The epoch of the ring in use (None without a working ring, also
+        after a failed operation until the next ``update_topology()``)."""
+        return self._ring.epoch
 
     @property
     def p2p_address(self) -> str | None:
@@ -313,10 +344,8 @@ class Communicator:
             raise
         self._link = link
         self._peer_id = welcome.peer_id
-        self._ring_epoch = None
-        self._ring_broken = True
-        self._epoch_floor = 0
-        self._aborted_epoch = -1
+        with self._lock:
+            self._ring = replace(self._ring, epoch=None, floor=0, aborted=-1)
         log.info(
             "connected to %s as %s (group %d), waiting for admission",
             self._master,
@@ -350,7 +379,7 @@ class Communicator:
         """
         self._check_connected()
         deadline = None if timeout is None else time.monotonic() + timeout
-        topology = self._vote(not self._ring_broken, deadline, admit_pending)
+        topology = self._vote(self._ring.working, deadline, admit_pending)
         self._settle(topology, deadline, admit_pending)
 
     def are_peers_pending(self) -> bool:
@@ -390,20 +419,19 @@ class Communicator:
 
     def _install(self, topology: dict, deadline: float | None) -> bool:
         link = self._check_connected()
-        self._world_size = topology["world_size"]
+        with self._lock:
+            self._ring = replace(self._ring, world_size=topology["world_size"])
         if not topology["changed"]:
             # Same epoch, same ring: nothing to rebuild or report.
             return True
         epoch = topology["epoch"]
         native = self._native
         assert native is not None
-        with self._op_lock:
-            self._epoch_floor = max(self._epoch_floor, epoch)
-            self._ring_epoch = None
-            self._ring_broken = True
+        with self._lock:
+            self._ring = replace(self._ring, epoch=None, floor=max(self._ring.floor, epoch))
             self._seq.clear()
         ok = False
-        if self._aborted_epoch < epoch:
+        if self._ring.aborted < epoch:
             try:
                 native.set_ring(
                     epoch,
@@ -412,7 +440,7 @@ class Communicator:
                     topology["next"],
                     timeout=self._bounded(deadline, self._ring_timeout),
                 )
-                ok = self._aborted_epoch < epoch  # an abort may race the build
+                ok = self._ring.aborted < epoch  # an abort may race the build
             except errors.PcclError as exc:
                 log.warning("%s: ring of epoch %d failed: %s", self._peer_id, epoch, exc)
         key = ("ready", epoch)
@@ -422,21 +450,22 @@ class Communicator:
         if not (ok and ready["ok"]):
             log.info("%s: topology of epoch %d not ready, voting again", self._peer_id, epoch)
             return False
-        with self._op_lock:
-            if self._aborted_epoch < epoch:
-                self._ring_epoch = epoch
-                self._ring_broken = False
-            self._rank = topology["rank"]
-            self._ring = list(topology["ring"])
-            self._group_world_size = topology["group_world_size"]
+        with self._lock:
+            ring = self._ring = replace(
+                self._ring,
+                epoch=epoch if self._ring.aborted < epoch else None,
+                rank=topology["rank"],
+                order=tuple(topology["ring"]),
+                group_world_size=topology["group_world_size"],
+            )
         log.info(
             "%s: epoch %d, rank %d of %d in group %d (world %d)",
             self._peer_id,
             epoch,
-            self._rank,
-            self._group_world_size,
+            ring.rank,
+            ring.group_world_size,
             self._peer_group,
-            self._world_size,
+            ring.world_size,
         )
         return True
 
@@ -495,8 +524,8 @@ class Communicator:
         else:
             scratch = None
             dst = out
-        with self._op_lock:
-            epoch = self._ring_epoch if self._ring_epoch is not None else self._epoch_floor
+        with self._lock:
+            epoch = self._ring.op_epoch
             seq = self._seq.get(tag, 0)
             start_error = None
             native_handle = None
@@ -627,17 +656,24 @@ class Communicator:
     # Callbacks from the master link's thread (must not block).
 
     def _on_abort(self, epoch: int, reason: str) -> None:
-        if epoch < self._epoch_floor:
-            return  # an older ring's abort; ours is newer
+        with self._lock:
+            ring = self._ring
+            if epoch < ring.floor:
+                return  # an older ring's abort; ours is newer
+            self._ring = replace(ring, epoch=None, aborted=max(ring.aborted, epoch))
         log.warning("%s: abort of epoch %d: %s", self._peer_id, epoch, reason)
-        self._aborted_epoch = max(self._aborted_epoch, epoch)
-        self._ring_broken = True
         self._abort_native()
 
     def _on_link_lost(self, exc: errors.PcclError) -> None:
         self._admitted = False
-        self._ring_broken = True
+        with self._lock:
+            self._ring = self._ring.broken()
         self._abort_native()
+
+    def _ring_failed(self, op_epoch: int) -> None:
+        """An operation of ``op_epoch`` failed: its ring is broken."""
+        with self._lock:
+            self._ring = self._ring.broken(op_epoch)
 
     def _abort_native(self) -> None:
         native = self._native
@@ -682,10 +718,11 @@ class Communicator:
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "admitted" if self._admitted else "not connected"
+        ring = self._ring
         return (
             f"<pccl.Communicator {self._peer_id or '-'} group={self._peer_group} "
-            f"{state} epoch={self._ring_epoch} rank={self._rank}/{self._group_world_size} "
-            f"world={self._world_size}>"
+            f"{state} epoch={ring.epoch} rank={ring.rank}/{ring.group_world_size} "
+            f"world={ring.world_size}>"
         )
 
     # ------------------------------------------------------------------

@@ -466,9 +466,11 @@ def test_in_place_input_is_unchanged_when_the_master_rules_failure(fake_master, 
     c.connect(timeout=10)
     x = np.arange(1000, dtype=np.float32)
     before = x.copy()
+    assert c.epoch == 1
     with pytest.raises(pccl.PeerLostError):
         c.all_reduce(x, op=pccl.ReduceOp.AVG)
     assert x.tobytes() == before.tobytes()
+    assert c.epoch is None  # no working ring until update_topology (not the stale 1)
     assert [m["ring_ok"] for m in fm.received if m["type"] == "update_topology"] == []
     c.update_topology(timeout=10)  # reports the broken ring, gets epoch 2
     assert fm.received[-2]["type"] == "update_topology" and not fm.received[-2]["ring_ok"]
