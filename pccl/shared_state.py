@@ -90,7 +90,7 @@ class SharedState:
     joiner, learns it here).  The tensors must not change while a sync runs.
     """
 
-    def __init__(self, tensors: Mapping[str, Any], revision: int = 0):
+    def __init__(self, tensors: Mapping[str, Any], revision: int = 0) -> None:
         if not isinstance(tensors, Mapping):
             raise errors.InvalidArgumentError(
                 f"SharedState needs a mapping of name -> tensor, got {type(tensors).__name__}"
@@ -109,11 +109,7 @@ class SharedState:
 
     @revision.setter
     def revision(self, value: int) -> None:
-        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**63:
-            raise errors.InvalidArgumentError(
-                f"revision must be an int in [0, 2**63), got {value!r}"
-            )
-        self._revision = value
+        self._revision = errors.check_int(value, "revision", 0, 2**63)
 
     def __repr__(self) -> str:
         return f"<pccl.SharedState revision={self._revision} tensors={list(self.tensors)}>"
