@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError) as exc:
             parser.error(f"--secret-file: {exc}")
 
-    from .server import new_event_loop
+    from .._aio import new_event_loop
 
     loop = new_event_loop()
     try:

@@ -42,15 +42,6 @@ _MAX_MESSAGE = protocol.MAX_MESSAGE
 _unpack_header = protocol.HEADER.unpack_from
 
 
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    """A uvloop loop when uvloop is installed, else the default loop."""
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
-
-
 def _quote(value: Any) -> str:
     text = str(value)
     if not text or any(c.isspace() or c in '"=' for c in text):
