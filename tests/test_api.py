@@ -24,6 +24,7 @@ def test_internal_classes_are_not_exported():
 
 def test_version_comes_from_the_installed_distribution():
     assert pccl.__version__ == importlib.metadata.version("pccl")
+    assert pccl.version() == pccl.__version__  # the compiled core says the same
 
 
 def test_py_typed_is_installed():
