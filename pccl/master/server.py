@@ -16,9 +16,11 @@ moves validated messages in and the state machine's actions out.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 import socket
+import time
 from typing import Any
 
 from .. import _wire as protocol
@@ -40,6 +42,33 @@ MAX_CONNECTIONS = 4096
 _HEADER = protocol.HEADER.size
 _MAX_MESSAGE = protocol.MAX_MESSAGE
 _unpack_header = protocol.HEADER.unpack_from
+
+
+class Histogram:
+    """A fixed-bucket histogram of durations in seconds (Prometheus
+    semantics: bucket ``le`` counts observations <= ``le``), cheap enough to
+    observe on the message path."""
+
+    BOUNDS = (
+        25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3,
+        100e-3, 250e-3, 500e-3, 1.0, 2.5, 5.0, 10.0,
+    )
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(self.BOUNDS) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(self.BOUNDS, seconds)] += 1
+        self.sum += seconds
+
+    def buckets(self) -> list[tuple[str, int]]:
+        """Cumulative ``(le, count)`` pairs, ``+Inf`` last."""
+        out, total = [], 0
+        for bound, count in zip((*self.BOUNDS, float("inf")), self.counts, strict=True):
+            total += count
+            out.append(("+Inf" if bound == float("inf") else repr(bound), total))
+        return out
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -286,6 +315,13 @@ class MasterServer:
             "messages_rejected": 0,
             "handshakes_failed": 0,
         }
+        # Master-side latency of the two fan-outs on every step's path: from
+        # reading the message that completes an operation (its last op_done)
+        # or a vote round (its last update_topology) to having written every
+        # answer to the transports.  Time spent in the socket before the
+        # read is not included.
+        self.verdict_seconds = Histogram()
+        self.vote_seconds = Histogram()
         self._server: asyncio.base_events.Server | None = None
         self._status = None
         self._tasks: set[asyncio.Task] = set()  # the ticker
@@ -414,7 +450,21 @@ class MasterServer:
         if msg["type"] == "hello":
             raise ProtocolViolation("hello after welcome")
         assert conn.peer_id is not None
-        self._apply(self.state.handle(conn.peer_id, msg, self.now()))
+        kind = msg["type"]
+        if kind != "op_done" and kind != "update_topology":
+            self._apply(self.state.handle(conn.peer_id, msg, self.now()))
+            return
+        counters = self.state.counters
+        decided = counters["ops_ok"] + counters["ops_aborted"]
+        start = time.perf_counter()
+        acts = self.state.handle(conn.peer_id, msg, self.now())
+        self._apply(acts)
+        elapsed = time.perf_counter() - start
+        if kind == "op_done":
+            if counters["ops_ok"] + counters["ops_aborted"] != decided:
+                self.verdict_seconds.observe(elapsed)
+        elif acts.sends and acts.sends[-1][1]["type"] == "topology":
+            self.vote_seconds.observe(elapsed)
 
     def _reject(self, conn: Connection, reason: str) -> None:
         """Log and close one connection that broke the protocol."""
