@@ -480,14 +480,16 @@ class Workers:
             raise c.BenchmarkError(f"worker {i}:\n{value}")
         return value
 
-    def call(self, i: int, cmd: str, timeout: float = 300.0, **kwargs) -> Any:
+    def call(self, i: int, cmd: str, wait: float = 400.0, **kwargs) -> Any:
         self.send(i, cmd, **kwargs)
-        return self.recv(i, timeout)
+        return self.recv(i, wait)
 
-    def all(self, cmd: str, timeout: float = 300.0, per_worker=None, **kwargs) -> list:
+    def all(self, cmd: str, wait: float = 400.0, per_worker=None, **kwargs) -> list:
+        """``cmd`` on every worker (``kwargs`` and its ``per_worker`` entry);
+        the replies, each waited for at most ``wait`` seconds."""
         for i in range(len(self.conns)):
             self.send(i, cmd, **dict(kwargs, **(per_worker[i] if per_worker else {})))
-        return [self.recv(i, timeout) for i in range(len(self.conns))]
+        return [self.recv(i, wait) for i in range(len(self.conns))]
 
     def close(self) -> None:
         for conn in self.conns:
@@ -844,22 +846,31 @@ def main(argv: list[str] | None = None) -> int:
     def log(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
-    results = []
+    results, failed = [], []
+    doc = {"benchmark": "master_scale", "args": vars(args), "machine": c.machine_info(),
+           "loadavg_start": os.getloadavg(), "results": results, "failed": failed}
+    path = c.OUT_DIR / "master_scale.json"
     with tempfile.TemporaryDirectory(prefix="pccl-master-scale-") as workdir:
         for n in sizes:
-            results.append(run_size(n, args, workdir, log))
-    doc = {"benchmark": "master_scale", "args": vars(args), "machine": c.machine_info(),
-           "loadavg": os.getloadavg(), "results": results}
-    path = c.write_json(c.OUT_DIR / "master_scale.json", doc)
+            try:
+                results.append(run_size(n, args, workdir, log))
+            except Exception as exc:  # one size failing must not lose the others
+                log(f"n={n}: FAILED: {exc}")
+                failed.append({"n": n, "error": str(exc)[-2000:]})
+            doc["loadavg_end"] = os.getloadavg()
+            c.write_json(path, doc)  # after every size: a later failure keeps the earlier ones
     if args.json == "-":
         json.dump(doc, sys.stdout, indent=2, default=str)
         print()
     else:
         if args.json:
             Path(args.json).write_text(json.dumps(doc, indent=2, default=str) + "\n")
-        table(results, args)
+        if results:
+            table(results, args)
+        for f in failed:
+            print(f"n={f['n']}: FAILED (see {path})")
         print(f"results: {path}")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
