@@ -74,6 +74,7 @@ import statistics
 import struct
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import urllib.request
@@ -419,7 +420,20 @@ def worker_main(conn: Connection, index: int, address: str, heartbeat_interval: 
     asyncio.set_event_loop(loop)
     sim = Sim(loop, address, index, heartbeat_interval)
     inbox: asyncio.Queue = asyncio.Queue()
-    loop.add_reader(conn.fileno(), lambda: inbox.put_nowait(conn.recv()))
+
+    def read_commands() -> None:
+        # A blocking reader thread: the loop's own readers would make the
+        # pipe non-blocking, and a large reply would then fail with EAGAIN.
+        while True:
+            try:
+                item = conn.recv()
+            except (EOFError, OSError):
+                item = ("quit", {})
+            loop.call_soon_threadsafe(inbox.put_nowait, item)
+            if item[0] == "quit":
+                return
+
+    threading.Thread(target=read_commands, name="commands", daemon=True).start()
 
     async def serve() -> None:
         while True:
@@ -538,8 +552,8 @@ def scrape(status_address: str) -> dict[str, float]:
 
 
 def histogram_quantiles(before: dict, after: dict, name: str, qs=(0.5, 0.99)) -> dict | None:
-    """Quantiles (upper bucket bounds) of a Prometheus histogram's
-    observations between two scrapes; None when the master has no such
+    """Quantiles of a Prometheus histogram's observations between two
+    scrapes (interpolated within buckets); None when the master has no such
     histogram or nothing was observed."""
     prefix = name + "_bucket{"
     buckets = []
@@ -555,10 +569,18 @@ def histogram_quantiles(before: dict, after: dict, name: str, qs=(0.5, 0.99)) ->
         return None
     out = {"count": int(total)}
     for q in qs:
-        out[f"p{round(q * 100)}"] = next(le for le, n in buckets if n >= q * total)
-    mx = after.get(name + "_max")
-    if mx is not None:
-        out["max_window"] = mx
+        # Linear interpolation inside the bucket that holds the quantile (as
+        # Prometheus' histogram_quantile does); the +Inf bucket reports its
+        # lower bound.
+        rank, lower, below = q * total, 0.0, 0.0
+        for le, n in buckets:
+            if n >= rank:
+                if math.isinf(le) or n == below:
+                    out[f"p{round(q * 100)}"] = lower
+                else:
+                    out[f"p{round(q * 100)}"] = lower + (le - lower) * (rank - below) / (n - below)
+                break
+            lower, below = le, n
     return out
 
 
