@@ -216,3 +216,46 @@ def test_benchmark_at_n64_delivers_every_verdict(tmp_path):
     assert res["sync"]["distributors"] >= 1 and not res["sync"]["plan_errors"]
     assert not res["master_warnings"]
     assert "verdict p99" in r.stdout  # the table
+
+
+def test_election_with_many_receivers_costs_the_same_per_tensor_at_any_n():
+    """Half the group outdated (they receive every tensor): the plans are
+    O(peers x tensors), not O(receivers x tensors x holders).  Both sizes
+    have more holders than a fetch lists (MAX_SOURCES), so a fetch costs
+    the same at both."""
+    from pccl.master import sync
+
+    n_tensors, small_n, large_n = 8, 64, 2048
+
+    def reports(n):
+        out = []
+        for i in range(n):
+            stale = i % 2 == 1
+            tensors = [{"name": f"t{k}", "dtype": "float32", "shape": [4], "nbytes": 16,
+                        "hash": bytes([1 + stale]) + k.to_bytes(15, "big")}
+                       for k in range(n_tensors)]
+            out.append(sync.SyncReport(peer_id=f"p{i}", serial=i, p2p_address=f"h:{1000 + i}",
+                                       req=1, revision=1 if not stale else 0,
+                                       strategy="enforce_popular", tensors=tensors))
+        return out
+
+    def make(n):
+        def setup():
+            rs = reports(n)
+            for r in rs:
+                r.prepare()  # done at arrival by the state machine
+
+            def run():
+                _, plans, _ = sync.elect(rs, None)
+                fetches = [f for p in plans.values() for f in p.fetch]
+                assert len(fetches) == n // 2 * n_tensors
+                assert all(len(f["from"]) == sync.MAX_SOURCES for f in fetches)
+            return run
+        return setup
+
+    small = per_message(make(small_n), small_n * n_tensors)
+    large = per_message(make(large_n), large_n * n_tensors)
+    assert large < MAX_RATIO * small, (
+        f"election: {small * 1e6:.2f} us per peer x tensor at n={small_n}, "
+        f"{large * 1e6:.2f} us at n={large_n}"
+    )
