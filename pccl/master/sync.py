@@ -149,7 +149,7 @@ def elect(
     elected = _elect_content(ref, current, index)
     differing = _refuse_diverged_senders(live, ref, elected, index, plans)
     live = [r for r in live if r.peer_id not in plans]
-    _plan_fetches(live, ref, elected, differing, index, plans)
+    _plan_fetches(live, ref, elected, differing, plans)
     return revision, plans, elected
 
 
@@ -256,32 +256,47 @@ def _plan_fetches(
     ref: dict[str, dict[str, Any]],
     elected: dict[str, bytes],
     differing: dict[str, list[str]],
-    index: Index,
     plans: dict[str, Plan],
 ) -> None:
     """Phase 5b: each live peer's plan (what to fetch from whom), and the
     ``serve`` flag of every distributor some receiver was sent to."""
     senders = [r for r in live if r.strategy != RECEIVE_ONLY]
-    # The senders holding the elected content, per tensor: computed once,
-    # only for the tensors somebody lacks.
+    # The senders holding the elected content of a tensor are the senders
+    # that do not lack it (differing[s] is what s lacks).  Tensors lacked by
+    # the same senders (typically: by nobody, or by the one joiner) share one
+    # holder list, so this is O(peers + tensors) in a healthy group, and
+    # O(peers x tensors) at worst.  A receiver of a tensor lacks it, so it
+    # is never among that tensor's holders.
     wanted = {n for r in live for n in differing[r.peer_id]}
-    holders_of = {
-        n: [s for s in senders if index[s.peer_id][n]["hash"] == elected[n]] for n in wanted
-    }
+    lacking: dict[str, list[str]] = {}
+    for s in senders:
+        for n in differing[s.peer_id]:
+            lacking.setdefault(n, []).append(s.peer_id)
+    shared: dict[tuple[str, ...], list[SyncReport]] = {}
+    holders_of: dict[str, list[SyncReport]] = {}
+    for n in wanted:
+        key = tuple(lacking.get(n, ()))
+        holders = shared.get(key)
+        if holders is None:
+            skip = set(key)
+            holders = shared[key] = [s for s in senders if s.peer_id not in skip]
+        holders_of[n] = holders
     serving: set[str] = set()
     for i, r in enumerate(live):
         fetch = []
         used: list[SyncReport] = []
         for name in differing[r.peer_id]:
-            holders = [s for s in holders_of[name] if s is not r]
-            if not holders:  # only when SEND_ONLY peers were refused above
+            everyone = holders_of[name]
+            if not everyone:  # only when SEND_ONLY peers were refused above
                 plans[r.peer_id] = Plan(
                     STATE, f"no peer that may send holds the elected content of tensor {name!r}"
                 )
                 break
-            # Rotate per receiver, so receivers start on different distributors.
-            k = i % len(holders)
-            holders = (holders[k:] + holders[:k])[:MAX_SOURCES]
+            # Rotate per receiver, so receivers start on different
+            # distributors; only the MAX_SOURCES listed are touched.
+            m = len(everyone)
+            k = i % m
+            holders = [everyone[(k + j) % m] for j in range(min(MAX_SOURCES, m))]
             used.extend(holders)
             fetch.append(
                 {
