@@ -626,6 +626,7 @@ class MasterState:
             strategy=msg["strategy"],
             tensors=msg["tensors"],
         )
+        report.prepare()  # per-report work now, not all at once in the election
         rnd = self.sync_rounds.get(peer.group)
         if rnd is None:
             rnd = sync.SyncRound(group=peer.group, deadline=now + self.vote_timeout)

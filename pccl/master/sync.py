@@ -61,9 +61,30 @@ class SyncReport:
     revision: int
     strategy: str
     tensors: list[dict[str, Any]]  # name, dtype, shape, nbytes, hash
+    # Derived from tensors on first use (prepare() computes both when the
+    # report arrives, so the election, one call on the master's only event
+    # loop, does not redo per-report work for every peer at once).
+    _index: dict[str, dict[str, Any]] | None = field(default=None, repr=False, compare=False)
+    _schema_key: tuple | None = field(default=None, repr=False, compare=False)
 
     def by_name(self) -> dict[str, dict[str, Any]]:
-        return {t["name"]: t for t in self.tensors}
+        if self._index is None:
+            self._index = {t["name"]: t for t in self.tensors}
+        return self._index
+
+    def schema(self) -> tuple:
+        """The sorted (name, dtype, shape, nbytes) of every tensor."""
+        if self._schema_key is None:
+            self._schema_key = tuple(
+                sorted(
+                    (t["name"], t["dtype"], tuple(t["shape"]), t["nbytes"]) for t in self.tensors
+                )
+            )
+        return self._schema_key
+
+    def prepare(self) -> None:
+        self.by_name()
+        self.schema()
 
 
 @dataclass
@@ -78,12 +99,6 @@ class Plan:
     @property
     def ok(self) -> bool:
         return not self.error_kind
-
-
-def _schema(report: SyncReport) -> tuple:
-    return tuple(
-        sorted((t["name"], t["dtype"], tuple(t["shape"]), t["nbytes"]) for t in report.tensors)
-    )
 
 
 def _schema_difference(
@@ -200,13 +215,17 @@ def _elect_schema(
 ) -> dict[str, dict[str, Any]]:
     """Phase 3: the schema most candidates share (ties: the earliest
     candidate's); every live peer with another schema is refused."""
-    schemas = {r.peer_id: _schema(r) for r in current}
+    schemas = {r.peer_id: r.schema() for r in current}
     counts = Counter(schemas.values())
     best = max(counts.values())
     ref_report = next(r for r in current if counts[schemas[r.peer_id]] == best)
     ref = index[ref_report.peer_id]
+    ref_schema = schemas[ref_report.peer_id]
     for r in live:
-        why = _schema_difference(r, index[r.peer_id], ref)
+        mine = index[r.peer_id]
+        if len(mine) == len(r.tensors) and r.schema() == ref_schema:
+            continue  # unique names, the same (name, dtype, shape, nbytes): it fits
+        why = _schema_difference(r, mine, ref)
         if why:
             plans[r.peer_id] = Plan(INVALID, why)
     return ref
