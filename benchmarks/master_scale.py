@@ -323,9 +323,23 @@ class Sim:
         votes: dict[int, float] = {}
         nsteps = max(1, int(duration * steps_per_s))
         period = 1.0 / steps_per_s
+        late = 0
+        n = len(clients)
         for k in range(nsteps):
             ts = t0 + k * period
             if step_vote:
+                # update_topology() blocks until its answer: a peer never
+                # votes again before it has its previous vote's topology.
+                # A master that answers later than the step period makes
+                # the steps late (counted), as it would a real run.
+                prev = self.req
+                if votes:
+                    await self.wait_for(
+                        lambda q=prev: len(self.topology.get(q, ())) >= n, timeout, "vote answer"
+                    )
+                if now() > ts + period * 0.1:
+                    late += 1
+                    ts = now()
                 self.req += 1
                 vote = frame(
                     {"type": "update_topology", "req": self.req, "ring_ok": True, "admit": True}
@@ -344,7 +358,6 @@ class Sim:
                 for cl in clients:
                     cl.write(report)
                 sent[(epoch, 0, self.seq)] = now()
-        n = len(clients)
         complete = True
         try:
             await self.wait_for(
@@ -361,6 +374,7 @@ class Sim:
             "votes": {r: (t, self.topology.get(r, [])) for r, t in votes.items()},
             "failed_ops": self.failed_ops,
             "complete": complete,
+            "late_steps": late,
             "cpu_s": cpu,
             "errors": self.errors[-5:],
         }
@@ -692,6 +706,9 @@ def run_size(n: int, args, workdir: str, log) -> dict:
                      "samples": len(vote_lat)},
             missing_verdicts=missing,
             complete=all(r["complete"] for r in replies),
+            late_steps=max(r["late_steps"] for r in replies),
+            master_us_per_message=1e6 * stats["master_cpu_pct"] / 100 * stats["wall_s"]
+            / max(1.0, stats["messages_per_s"] * stats["wall_s"]),
             failed_ops=sum(r["failed_ops"] for r in replies),
             worker_errors=[e for r in replies for e in r["errors"]],
             master_verdict_ms=_ms(histogram_quantiles(m0, m1, "pccl_master_verdict_seconds")),
@@ -781,7 +798,7 @@ def fmt(v, digits=1) -> str:
 
 
 def table(results: list[dict], args) -> None:
-    cols = ["n", "hb msg/s", "hb cpu%", "msg/s", "cpu%", "clients%", "other%",
+    cols = ["n", "hb msg/s", "hb cpu%", "msg/s", "cpu%", "us/msg", "clients%", "other%",
             "verdict p50", "verdict p99", "master p99", "vote p99", "update_topo",
             "sync plans", "sync end", "RSS MiB"]
     rows, styles = [], []
@@ -790,7 +807,8 @@ def table(results: list[dict], args) -> None:
         mv = s.get("master_verdict_ms")
         row = [
             str(r["n"]), fmt(hb["messages_per_s"], 0), fmt(hb["master_cpu_pct"]),
-            fmt(s["messages_per_s"], 0), fmt(s["master_cpu_pct"]), fmt(s["clients_cpu_pct"]),
+            fmt(s["messages_per_s"], 0), fmt(s["master_cpu_pct"]),
+            fmt(s["master_us_per_message"]), fmt(s["clients_cpu_pct"]),
             fmt(s["foreign_cpu_pct"], 0), fmt(s["verdict_ms"]["p50"], 2),
             fmt(s["verdict_ms"]["p99"], 2) + ("" if s["complete"] else "*"),
             fmt(mv["p99"], 2) if mv else "-",
@@ -801,16 +819,17 @@ def table(results: list[dict], args) -> None:
         style: list[str | None] = [None] * len(row)
         if r["n"] == TARGET_N:
             for col, value, target in (
-                (8, s["verdict_ms"]["p99"], TARGET_VERDICT_P99_MS),
+                (9, s["verdict_ms"]["p99"], TARGET_VERDICT_P99_MS),
                 (4, s["master_cpu_pct"], TARGET_CPU_PCT),
-                (11, topo["ready_ms_median"], TARGET_TOPOLOGY_MS),
+                (12, topo["ready_ms_median"], TARGET_TOPOLOGY_MS),
             ):
                 style[col] = "green" if value <= target else "red"
         rows.append(row)
         styles.append(style)
     caption = (
-        "hb: heartbeats alone; msg/s, cpu% (the master's, of one core), clients% and other% "
-        "(the rest of the machine) under the steady load; times in ms.\n"
+        "hb: heartbeats alone; msg/s, cpu% (the master's, of one core), us/msg (master CPU per "
+        "message received), clients% and other% (the rest of the machine) under the steady "
+        "load; times in ms.\n"
         f"targets at n = {TARGET_N}: verdict p99 <= {TARGET_VERDICT_P99_MS:g} ms, "
         f"update_topology <= {TARGET_TOPOLOGY_MS:g} ms, master CPU <= {TARGET_CPU_PCT:g} % "
         f"(load: {args.steps_per_s:g} step/s x {args.collectives} collectives"
@@ -822,6 +841,9 @@ def table(results: list[dict], args) -> None:
         "median of rounds); sync: last sync_state sent -> every plan / every sync_end received."
         + ("\n* the master fell behind: some verdicts had not arrived 30 s after the window"
            if any(not r["steady"]["complete"] for r in results) else "")
+        + "".join(f"\nn={r['n']}: {r['steady']['late_steps']} steps started late (the previous "
+                  "vote's answer came after the step's start)"
+                  for r in results if r["steady"].get("late_steps"))
     )
     c.print_table("pccl-master at scale", cols, rows, styles, caption)
 
