@@ -605,10 +605,12 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, max(0, math.ceil(q * len(values)) - 1))]
 
 
-def run_size(n: int, args, workdir: str, log) -> dict:
+def run_size(n: int, args, workdir: str, log, res: dict[str, Any]) -> dict:
+    """Measure one size into ``res`` (filled as it goes: a failure keeps
+    what was measured before it)."""
     from pccl.testing.procs import MasterProcess
 
-    res: dict[str, Any] = {"n": n}
+    res["n"] = n
     nworkers = max(1, min(args.workers, n))
     shares = [n // nworkers + (1 if i < n % nworkers else 0) for i in range(nworkers)]
     master = MasterProcess(
@@ -896,11 +898,12 @@ def main(argv: list[str] | None = None) -> int:
     path = c.OUT_DIR / "master_scale.json"
     with tempfile.TemporaryDirectory(prefix="pccl-master-scale-") as workdir:
         for n in sizes:
+            partial: dict[str, Any] = {}
             try:
-                results.append(run_size(n, args, workdir, log))
+                results.append(run_size(n, args, workdir, log, partial))
             except Exception as exc:  # one size failing must not lose the others
                 log(f"n={n}: FAILED: {exc}")
-                failed.append({"n": n, "error": str(exc)[-2000:]})
+                failed.append({"n": n, "error": str(exc)[-2000:], "partial": partial})
             doc["loadavg_end"] = os.getloadavg()
             c.write_json(path, doc)  # after every size: a later failure keeps the earlier ones
     if args.json == "-":
