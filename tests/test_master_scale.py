@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from pccl import _wire as protocol
-from pccl.master.server import MasterServer
+from pccl.master.server import MasterServer, _encode_outgoing
 from pccl.master.state import MasterState
 
 pytestmark = pytest.mark.timeout(120)
@@ -193,6 +193,13 @@ def test_shared_rings_are_encoded_exactly_like_the_reference_encoder():
     for pid, msg in acts.sends:
         assert msg["type"] == "topology" and len(msg["ring"]) == len(ids)
         assert written[pid] == [protocol.encode(msg)]
+    # Whatever the field order (the ring spliced in the middle of the map).
+    msg = acts.sends[0][1]
+    reordered = {"ring": msg["ring"], **{k: v for k, v in msg.items() if k != "ring"}}
+    rings: dict = {}
+    for m in (reordered, dict(reordered, rank=1)):  # packed once, reused
+        assert _encode_outgoing(m, rings) == protocol.encode(m)
+    assert len(rings) == 1
 
 
 def test_benchmark_at_n64_delivers_every_verdict(tmp_path):

@@ -291,14 +291,18 @@ def _encode_outgoing(msg: dict, rings: dict[int, tuple[list, bytes]]) -> bytes:
     if cached is None or cached[0] is not ring:
         protocol.validate(msg, protocol.TO_PEER)
         cached = rings[id(ring)] = (ring, msgpack.packb(ring, use_bin_type=True))
+    rest = dict(msg, ring=[])
+    protocol.validate(rest, protocol.TO_PEER)  # everything but the (validated) ring
+    if next(reversed(rest)) == "ring":
+        # A msgpack map is its header, then each key and value in order: the
+        # last value, the empty array (one byte, 0x90), becomes the ring.
+        body = msgpack.packb(rest, use_bin_type=True)[:-1] + cached[1]
     else:
-        protocol.validate(dict(msg, ring=[]), protocol.TO_PEER)  # the rest of it
-    # A msgpack map is its header, then each key and value packed in order.
-    parts = [_map_header(len(msg))]
-    for key, value in msg.items():
-        parts.append(msgpack.packb(key, use_bin_type=True))
-        parts.append(cached[1] if key == "ring" else msgpack.packb(value, use_bin_type=True))
-    body = b"".join(parts)
+        parts = [_map_header(len(msg))]
+        for key, value in msg.items():
+            parts.append(msgpack.packb(key, use_bin_type=True))
+            parts.append(cached[1] if key == "ring" else msgpack.packb(value, use_bin_type=True))
+        body = b"".join(parts)
     if len(body) > protocol.MAX_MESSAGE:
         raise ValueError(f"message of {len(body)} bytes exceeds MAX_MESSAGE")
     return protocol.HEADER.pack(len(body)) + body
