@@ -16,10 +16,14 @@ moves validated messages in and the state machine's actions out.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 import socket
+import time
 from typing import Any
+
+import msgpack
 
 from .. import _wire as protocol
 from .._wire import ProtocolViolation
@@ -40,6 +44,33 @@ MAX_CONNECTIONS = 4096
 _HEADER = protocol.HEADER.size
 _MAX_MESSAGE = protocol.MAX_MESSAGE
 _unpack_header = protocol.HEADER.unpack_from
+
+
+class Histogram:
+    """A fixed-bucket histogram of durations in seconds (Prometheus
+    semantics: bucket ``le`` counts observations <= ``le``), cheap enough to
+    observe on the message path."""
+
+    BOUNDS = (
+        25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3,
+        100e-3, 250e-3, 500e-3, 1.0, 2.5, 5.0, 10.0,
+    )
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(self.BOUNDS) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(self.BOUNDS, seconds)] += 1
+        self.sum += seconds
+
+    def buckets(self) -> list[tuple[str, int]]:
+        """Cumulative ``(le, count)`` pairs, ``+Inf`` last."""
+        out, total = [], 0
+        for bound, count in zip((*self.BOUNDS, float("inf")), self.counts, strict=True):
+            total += count
+            out.append(("+Inf" if bound == float("inf") else repr(bound), total))
+        return out
 
 
 def _quote(value: Any) -> str:
@@ -232,6 +263,48 @@ class Connection(asyncio.Protocol):
             self.abort()
 
 
+_SHARED_RING_MIN = 16  # rings shorter than this are cheap to validate and pack per message
+
+
+def _encode_outgoing(msg: dict, rings: dict[int, tuple[list, bytes]]) -> bytes:
+    """Validate and encode one outgoing message, byte for byte what
+    ``protocol.encode(protocol.validate(msg, TO_PEER))`` returns.
+
+    A vote round sends every member a ``topology`` that carries its group's
+    whole ring, one list object shared by all of them (state.py): that ring
+    is validated and packed once per call of :meth:`MasterServer._apply`
+    (``rings``, keyed by the list's id, holding the list so the id stays
+    valid), so the round costs O(n) Python work instead of O(n^2)."""
+    ring = msg.get("ring") if msg["type"] == "topology" else None
+    if not isinstance(ring, list) or len(ring) < _SHARED_RING_MIN:
+        return protocol.encode(protocol.validate(msg, protocol.TO_PEER))
+    cached = rings.get(id(ring))
+    if cached is None or cached[0] is not ring:
+        protocol.validate(msg, protocol.TO_PEER)
+        cached = rings[id(ring)] = (ring, msgpack.packb(ring, use_bin_type=True))
+    rest = dict(msg, ring=[])
+    protocol.validate(rest, protocol.TO_PEER)  # everything but the (validated) ring
+    if next(reversed(rest)) == "ring":
+        # A msgpack map is its header, then each key and value in order: the
+        # last value, the empty array (one byte, 0x90), becomes the ring.
+        body = msgpack.packb(rest, use_bin_type=True)[:-1] + cached[1]
+    else:
+        parts = [_map_header(len(msg))]
+        for key, value in msg.items():
+            parts.append(msgpack.packb(key, use_bin_type=True))
+            parts.append(cached[1] if key == "ring" else msgpack.packb(value, use_bin_type=True))
+        body = b"".join(parts)
+    if len(body) > protocol.MAX_MESSAGE:
+        raise ValueError(f"message of {len(body)} bytes exceeds MAX_MESSAGE")
+    return protocol.HEADER.pack(len(body)) + body
+
+
+def _map_header(n: int) -> bytes:
+    if n < 16:
+        return bytes((0x80 | n,))  # fixmap
+    return b"\xde" + n.to_bytes(2, "big")  # map 16 (no message has 65536 fields)
+
+
 class MasterServer:
     """The master service on the current event loop.
 
@@ -277,6 +350,13 @@ class MasterServer:
             "messages_rejected": 0,
             "handshakes_failed": 0,
         }
+        # Master-side latency of the two fan-outs on every step's path: from
+        # reading the message that completes an operation (its last op_done)
+        # or a vote round (its last update_topology) to having written every
+        # answer to the transports.  Time spent in the socket before the
+        # read is not included.
+        self.verdict_seconds = Histogram()
+        self.vote_seconds = Histogram()
         self._server: asyncio.base_events.Server | None = None
         self._status = None
         self._tasks: set[asyncio.Task] = set()  # the ticker
@@ -405,7 +485,21 @@ class MasterServer:
         if msg["type"] == "hello":
             raise ProtocolViolation("hello after welcome")
         assert conn.peer_id is not None
-        self._apply(self.state.handle(conn.peer_id, msg, self.now()))
+        kind = msg["type"]
+        if kind != "op_done" and kind != "update_topology":
+            self._apply(self.state.handle(conn.peer_id, msg, self.now()))
+            return
+        counters = self.state.counters
+        decided = counters["ops_ok"] + counters["ops_aborted"]
+        start = time.perf_counter()
+        acts = self.state.handle(conn.peer_id, msg, self.now())
+        self._apply(acts)
+        elapsed = time.perf_counter() - start
+        if kind == "op_done":
+            if counters["ops_ok"] + counters["ops_aborted"] != decided:
+                self.verdict_seconds.observe(elapsed)
+        elif acts.sends and acts.sends[-1][1]["type"] == "topology":
+            self.vote_seconds.observe(elapsed)
 
     def _reject(self, conn: Connection, reason: str) -> None:
         """Log and close one connection that broke the protocol."""
@@ -449,6 +543,7 @@ class MasterServer:
                 self._log_event(event)
             overflowed: list[str] = []
             frames: dict[int, bytes] = {}
+            rings: dict[int, tuple[list, bytes]] = {}
             for peer_id, msg in acts.sends:
                 conn = self._by_peer.get(peer_id)
                 if conn is None:
@@ -456,7 +551,7 @@ class MasterServer:
                 frame = frames.get(id(msg))
                 if frame is None:
                     try:
-                        frame = protocol.encode(protocol.validate(msg, protocol.TO_PEER))
+                        frame = _encode_outgoing(msg, rings)
                     except ValueError:
                         log.exception(logline(event="bug", peer=peer_id, reason="invalid outgoing"))
                         continue

@@ -85,9 +85,9 @@ class Actions:
 
 @dataclass
 class Op:
-    expected: frozenset[str]
-    reporters: list[str] = field(default_factory=list)
-    reported_ok: set[str] = field(default_factory=set)
+    expected: frozenset[str]  # the group's ring at the op's epoch (shared, not copied)
+    reporters: dict[str, None] = field(default_factory=dict)  # in report order
+    reported_ok: set[str] = field(default_factory=set)  # always a subset of expected
     outcome: bool | None = None
 
 
@@ -126,6 +126,15 @@ class MasterState:
         self.peers: dict[str, Peer] = {}  # insertion order is join order
         self.epoch = 0
         self.rings: dict[int, list[str]] = {}  # group -> ring at this epoch
+        # Derived from rings, so a message never scans a ring: the members of
+        # each group's ring and every ring member's rank in it.
+        self._ring_sets: dict[int, frozenset[str]] = {}
+        self._ring_rank: dict[str, int] = {}
+        # Peers by state, and admitted peers per group (kept with every
+        # change of state, so no per-message handler counts peers).
+        self._n_pending = 0
+        self._n_admitted = 0
+        self._group_admitted: dict[int, int] = {}
         self.broken: set[int] = set()  # groups whose ring broke during this epoch
         self._membership_changed = False
         self._serial = itertools.count(1)
@@ -142,6 +151,7 @@ class MasterState:
 
         self.ops: OrderedDict[OpKey, Op] = OrderedDict()
         self._open_ops: dict[int, int] = {}  # group -> undecided ops
+        self._undecided: dict[int, dict[OpKey, Op]] = {}  # group -> its undecided ops
         self._decided: deque[OpKey] = deque()
 
         self.events: deque[Event] = deque(maxlen=max_events)
@@ -167,7 +177,7 @@ class MasterState:
         return [p for p in self.peers.values() if p.state == PENDING]
 
     def peers_pending(self) -> bool:
-        return any(p.state == PENDING for p in self.peers.values())
+        return self._n_pending > 0
 
     def snapshot(self, now: float) -> dict[str, Any]:
         """A JSON-ready view for /status."""
@@ -235,6 +245,7 @@ class MasterState:
             serial=serial,
         )
         self.peers[peer_id] = peer
+        self._n_pending += 1
         self.counters["peers_joined"] += 1
         acts.send(
             peer_id,
@@ -336,13 +347,16 @@ class MasterState:
     def _maybe_complete_round(self, now: float, acts: Actions) -> None:
         if self.ring_phase_epoch is not None:
             return  # votes wait until the current ring is ready
-        admitted = self.admitted()
-        if admitted:
+        if self._n_admitted:
             if not self.votes:
                 self.vote_deadline = None  # every voter is gone: no round is open
-            elif all(p.peer_id in self.votes for p in admitted):
+            elif len(self.votes) >= self._n_admitted and all(
+                p.peer_id in self.votes for p in self.admitted()
+            ):
+                # (votes come from admitted peers only, so the count decides;
+                # the scan runs once per round, not once per vote)
                 self._complete_round(now, acts)
-        elif self.peers_pending():
+        elif self._n_pending:
             self._complete_round(now, acts)  # nobody to ask: admit at once
         else:
             self.votes.clear()
@@ -352,7 +366,9 @@ class MasterState:
         votes, self.votes, self.vote_deadline = self.votes, {}, None
         # One voter saying admit=False (a retry after a loss) defers the
         # newcomers to a later round, so they never land in a retried step.
-        newcomers = self.pending() if all(v[2] for v in votes.values()) else []
+        newcomers = (
+            self.pending() if self._n_pending and all(v[2] for v in votes.values()) else []
+        )
         changed = (
             bool(newcomers)
             or self._membership_changed
@@ -365,12 +381,17 @@ class MasterState:
             self.broken.clear()
             for peer in newcomers:
                 peer.state = ADMITTED
+                self._n_pending -= 1
+                self._n_admitted += 1
+                self._group_admitted[peer.group] = self._group_admitted.get(peer.group, 0) + 1
                 peer.admitted_epoch = self.epoch
                 self.counters["peers_admitted"] += 1
                 self._event(acts, "admitted", now, peer)
             self.rings = {}
             for peer in sorted(self.admitted(), key=lambda p: p.serial):  # join order
                 self.rings.setdefault(peer.group, []).append(peer.peer_id)
+            self._ring_sets = {g: frozenset(r) for g, r in self.rings.items()}
+            self._ring_rank = {pid: i for r in self.rings.values() for i, pid in enumerate(r)}
             self._event(
                 acts,
                 "epoch",
@@ -384,11 +405,14 @@ class MasterState:
             self.ring_waiting = {p.peer_id for p in self.admitted()}
             self.ring_phase_ok = True
             self.ring_deadline = now + self.vote_timeout
-        world_size = len(self.admitted())
+        world_size = self._n_admitted
+        # One copy of each ring, shared by the messages of all its members
+        # (the server validates and encodes a shared ring once per round).
+        shared = {g: list(r) for g, r in self.rings.items()}
         for peer in self.admitted():
             vote = votes.get(peer.peer_id)
             ring = self.rings[peer.group]
-            rank = ring.index(peer.peer_id)
+            rank = self._ring_rank[peer.peer_id]
             successor = self.peers.get(ring[(rank + 1) % len(ring)])
             acts.send(
                 peer.peer_id,
@@ -401,7 +425,7 @@ class MasterState:
                     "world_size": world_size,
                     "group_world_size": len(ring),
                     "next": successor.p2p_address if len(ring) > 1 and successor else None,
-                    "ring": list(ring),
+                    "ring": shared[peer.group],
                 },
             )
 
@@ -439,7 +463,7 @@ class MasterState:
         if op is not None and op.outcome is not None:
             self._reply_outcome(peer.peer_id, key, op.outcome, acts)
             return
-        ring = self.rings.get(peer.group, [])
+        ring = self._ring_sets.get(peer.group, frozenset())
         if peer.state != ADMITTED or epoch != self.epoch or peer.peer_id not in ring:
             # Not a member of that ring at that epoch: nothing to agree on.
             self._reply_outcome(peer.peer_id, key, False, acts)
@@ -448,27 +472,30 @@ class MasterState:
             if peer.group in self.broken:
                 # The ring broke earlier in this epoch: this operation cannot
                 # have completed everywhere.  Record it so everyone agrees.
-                op = Op(expected=frozenset(ring), reporters=[peer.peer_id])
-                self.ops[key] = op
-                self._open_ops[peer.group] = self._open_ops.get(peer.group, 0) + 1
+                op = Op(expected=ring, reporters={peer.peer_id: None})
+                self._open(key, op)
                 self._decide(key, op, False, acts)
                 return
             if self._open_ops.get(peer.group, 0) >= self.max_open_ops:
                 self._remove(peer, "lost", "too many open operations", now, acts)
                 return
-            op = Op(expected=frozenset(ring))
-            self.ops[key] = op
-            self._open_ops[peer.group] = self._open_ops.get(peer.group, 0) + 1
-        if peer.peer_id not in op.reporters:
-            op.reporters.append(peer.peer_id)
+            op = Op(expected=ring)
+            self._open(key, op)
+        op.reporters[peer.peer_id] = None  # a repeated report keeps its place
         if not ok:
             self._decide(key, op, False, acts)
             reason = f"operation tag={tag} seq={seq} failed on {peer.peer_id}"
             self._break_group(peer.group, reason, acts)
         else:
             op.reported_ok.add(peer.peer_id)
-            if op.expected <= op.reported_ok:
+            # reported_ok is a subset of expected: equal sizes mean equal sets.
+            if len(op.reported_ok) >= len(op.expected):
                 self._decide(key, op, True, acts)
+
+    def _open(self, key: OpKey, op: Op) -> None:
+        self.ops[key] = op
+        self._open_ops[key[0]] = self._open_ops.get(key[0], 0) + 1
+        self._undecided.setdefault(key[0], {})[key] = op
 
     @staticmethod
     def _outcome_msg(key: OpKey, ok: bool) -> dict:
@@ -481,6 +508,7 @@ class MasterState:
     def _decide(self, key: OpKey, op: Op, ok: bool, acts: Actions) -> None:
         op.outcome = ok
         self._open_ops[key[0]] -= 1
+        self._undecided[key[0]].pop(key, None)
         self.counters["ops_ok" if ok else "ops_aborted"] += 1
         # One message object for every reporter: the server encodes it once.
         msg = self._outcome_msg(key, ok)
@@ -504,8 +532,8 @@ class MasterState:
         not reported ok).  Returns whether any operation was decided."""
         self.broken.add(group)
         decided = False
-        for key, op in list(self.ops.items()):
-            if key[0] != group or key[1] != self.epoch or op.outcome is not None:
+        for key, op in list(self._undecided.get(group, {}).items()):
+            if key[1] != self.epoch:
                 continue
             if only_unreported and only_unreported in op.reported_ok:
                 continue
@@ -527,6 +555,7 @@ class MasterState:
             op = self.ops.pop(key)
             if op.outcome is None:
                 self._open_ops[key[0]] -= 1
+                self._undecided[key[0]].pop(key, None)
         self._decided = deque(k for k in self._decided if k in self.ops)
 
     # ------------------------------------------------------------------
@@ -547,6 +576,15 @@ class MasterState:
         With ``settle`` false the caller finishes the ring phase and the vote
         round itself (it is removing several peers at once)."""
         del self.peers[peer.peer_id]
+        if peer.state == ADMITTED:
+            self._n_admitted -= 1
+            left_in_group = self._group_admitted[peer.group] - 1
+            if left_in_group:
+                self._group_admitted[peer.group] = left_in_group
+            else:
+                del self._group_admitted[peer.group]
+        else:
+            self._n_pending -= 1
         self.votes.pop(peer.peer_id, None)
         self.counters[f"peers_{kind}"] += 1
         if kind == "evicted":
@@ -555,7 +593,7 @@ class MasterState:
         self._event(acts, kind, now, peer, reason=reason)
         if peer.state == ADMITTED:
             self._membership_changed = True
-            if peer.peer_id in self.rings.get(peer.group, ()):
+            if peer.peer_id in self._ring_sets.get(peer.group, ()):
                 if kind == "left":
                     # A clean leave fails only the operations it walked out of.
                     if self._break_group(peer.group, reason, acts, only_unreported=peer.peer_id):
@@ -588,6 +626,7 @@ class MasterState:
             strategy=msg["strategy"],
             tensors=msg["tensors"],
         )
+        report.prepare()  # per-report work now, not all at once in the election
         rnd = self.sync_rounds.get(peer.group)
         if rnd is None:
             rnd = sync.SyncRound(group=peer.group, deadline=now + self.vote_timeout)
@@ -599,8 +638,10 @@ class MasterState:
         self._sync_maybe_elect(rnd, now, acts)
 
     def _sync_maybe_elect(self, rnd: sync.SyncRound, now: float, acts: Actions) -> None:
+        if rnd.phase != "collect" or len(rnd.reports) < self._group_admitted.get(rnd.group, 0):
+            return  # (reports come from admitted members: the count decides per report)
         members = [p.peer_id for p in self.admitted() if p.group == rnd.group]
-        if rnd.phase != "collect" or not all(pid in rnd.reports for pid in members):
+        if not all(pid in rnd.reports for pid in members):
             return
         reports = [r for pid, r in rnd.reports.items() if pid in self.peers]
         if not reports:
@@ -681,7 +722,7 @@ class MasterState:
             # revision, so peers restarting from a checkpoint can sync again.
             self._sync_holders.pop(peer.group, None)
             self.sync_revisions.pop(peer.group, None)
-        if not any(p.group == peer.group for p in self.admitted()):
+        if not self._group_admitted.get(peer.group):
             rnd = self.sync_rounds.pop(peer.group, None)
             if rnd is not None:
                 for pid in rnd.distributors:

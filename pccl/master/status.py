@@ -34,7 +34,7 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from .. import _wire as protocol
 
@@ -151,6 +151,21 @@ class MasterCollector:
             ("connections_accepted", "TCP connections accepted"),
         ):
             yield CounterMetricFamily(f"pccl_master_{key}", help_text, value=counters[key])
+        for name, hist, help_text in (
+            (
+                "pccl_master_verdict_seconds",
+                self.master.verdict_seconds,
+                "From reading an operation's last op_done to every op_outcome written",
+            ),
+            (
+                "pccl_master_vote_seconds",
+                self.master.vote_seconds,
+                "From reading a vote round's last update_topology to every topology written",
+            ),
+        ):
+            yield HistogramMetricFamily(
+                name, help_text, buckets=hist.buckets(), sum_value=hist.sum
+            )
 
 
 class StatusServer:

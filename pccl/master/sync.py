@@ -61,9 +61,30 @@ class SyncReport:
     revision: int
     strategy: str
     tensors: list[dict[str, Any]]  # name, dtype, shape, nbytes, hash
+    # Derived from tensors on first use (prepare() computes both when the
+    # report arrives, so the election, one call on the master's only event
+    # loop, does not redo per-report work for every peer at once).
+    _index: dict[str, dict[str, Any]] | None = field(default=None, repr=False, compare=False)
+    _schema_key: tuple | None = field(default=None, repr=False, compare=False)
 
     def by_name(self) -> dict[str, dict[str, Any]]:
-        return {t["name"]: t for t in self.tensors}
+        if self._index is None:
+            self._index = {t["name"]: t for t in self.tensors}
+        return self._index
+
+    def schema(self) -> tuple:
+        """The sorted (name, dtype, shape, nbytes) of every tensor."""
+        if self._schema_key is None:
+            self._schema_key = tuple(
+                sorted(
+                    (t["name"], t["dtype"], tuple(t["shape"]), t["nbytes"]) for t in self.tensors
+                )
+            )
+        return self._schema_key
+
+    def prepare(self) -> None:
+        self.by_name()
+        self.schema()
 
 
 @dataclass
@@ -78,12 +99,6 @@ class Plan:
     @property
     def ok(self) -> bool:
         return not self.error_kind
-
-
-def _schema(report: SyncReport) -> tuple:
-    return tuple(
-        sorted((t["name"], t["dtype"], tuple(t["shape"]), t["nbytes"]) for t in report.tensors)
-    )
 
 
 def _schema_difference(
@@ -149,7 +164,7 @@ def elect(
     elected = _elect_content(ref, current, index)
     differing = _refuse_diverged_senders(live, ref, elected, index, plans)
     live = [r for r in live if r.peer_id not in plans]
-    _plan_fetches(live, ref, elected, differing, index, plans)
+    _plan_fetches(live, ref, elected, differing, plans)
     return revision, plans, elected
 
 
@@ -200,13 +215,17 @@ def _elect_schema(
 ) -> dict[str, dict[str, Any]]:
     """Phase 3: the schema most candidates share (ties: the earliest
     candidate's); every live peer with another schema is refused."""
-    schemas = {r.peer_id: _schema(r) for r in current}
+    schemas = {r.peer_id: r.schema() for r in current}
     counts = Counter(schemas.values())
     best = max(counts.values())
     ref_report = next(r for r in current if counts[schemas[r.peer_id]] == best)
     ref = index[ref_report.peer_id]
+    ref_schema = schemas[ref_report.peer_id]
     for r in live:
-        why = _schema_difference(r, index[r.peer_id], ref)
+        mine = index[r.peer_id]
+        if len(mine) == len(r.tensors) and r.schema() == ref_schema:
+            continue  # unique names, the same (name, dtype, shape, nbytes): it fits
+        why = _schema_difference(r, mine, ref)
         if why:
             plans[r.peer_id] = Plan(INVALID, why)
     return ref
@@ -256,32 +275,47 @@ def _plan_fetches(
     ref: dict[str, dict[str, Any]],
     elected: dict[str, bytes],
     differing: dict[str, list[str]],
-    index: Index,
     plans: dict[str, Plan],
 ) -> None:
     """Phase 5b: each live peer's plan (what to fetch from whom), and the
     ``serve`` flag of every distributor some receiver was sent to."""
     senders = [r for r in live if r.strategy != RECEIVE_ONLY]
-    # The senders holding the elected content, per tensor: computed once,
-    # only for the tensors somebody lacks.
+    # The senders holding the elected content of a tensor are the senders
+    # that do not lack it (differing[s] is what s lacks).  Tensors lacked by
+    # the same senders (typically: by nobody, or by the one joiner) share one
+    # holder list, so this is O(peers + tensors) in a healthy group, and
+    # O(peers x tensors) at worst.  A receiver of a tensor lacks it, so it
+    # is never among that tensor's holders.
     wanted = {n for r in live for n in differing[r.peer_id]}
-    holders_of = {
-        n: [s for s in senders if index[s.peer_id][n]["hash"] == elected[n]] for n in wanted
-    }
+    lacking: dict[str, list[str]] = {}
+    for s in senders:
+        for n in differing[s.peer_id]:
+            lacking.setdefault(n, []).append(s.peer_id)
+    shared: dict[tuple[str, ...], list[SyncReport]] = {}
+    holders_of: dict[str, list[SyncReport]] = {}
+    for n in wanted:
+        key = tuple(lacking.get(n, ()))
+        holders = shared.get(key)
+        if holders is None:
+            skip = set(key)
+            holders = shared[key] = [s for s in senders if s.peer_id not in skip]
+        holders_of[n] = holders
     serving: set[str] = set()
     for i, r in enumerate(live):
         fetch = []
         used: list[SyncReport] = []
         for name in differing[r.peer_id]:
-            holders = [s for s in holders_of[name] if s is not r]
-            if not holders:  # only when SEND_ONLY peers were refused above
+            everyone = holders_of[name]
+            if not everyone:  # only when SEND_ONLY peers were refused above
                 plans[r.peer_id] = Plan(
                     STATE, f"no peer that may send holds the elected content of tensor {name!r}"
                 )
                 break
-            # Rotate per receiver, so receivers start on different distributors.
-            k = i % len(holders)
-            holders = (holders[k:] + holders[:k])[:MAX_SOURCES]
+            # Rotate per receiver, so receivers start on different
+            # distributors; only the MAX_SOURCES listed are touched.
+            m = len(everyone)
+            k = i % m
+            holders = [everyone[(k + j) % m] for j in range(min(MAX_SOURCES, m))]
             used.extend(holders)
             fetch.append(
                 {
