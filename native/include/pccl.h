@@ -240,24 +240,31 @@ pccl_result pccl_comm_free(pccl_comm *comm);
  * and break the ring when timeout_ms (<0: no limit) passes. */
 
 /* pccl_comm_broadcast_start sends count elements of buf from rank root to
- * every rank's buf (root: read only; others: written). */
+ * every rank's buf (root: read only, unchanged on failure; others: output
+ * only, unspecified on failure).  Writes a handle the caller owns
+ * (pccl_op_wait, pccl_op_free); buf stays valid until then.  Does not
+ * block.  Thread-safe. */
 pccl_result pccl_comm_broadcast_start(pccl_comm *comm, void *buf, size_t count,
                                       pccl_dtype dtype, uint32_t root, uint64_t tag,
                                       pccl_op_handle **out);
 
-/* pccl_comm_broadcast is start + wait + free; blocks up to timeout_ms. */
+/* pccl_comm_broadcast is start + wait + free.  Blocks up to timeout_ms
+ * (<0: no limit); on that timeout the ring is broken (PCCL_ETIMEDOUT). */
 pccl_result pccl_comm_broadcast(pccl_comm *comm, void *buf, size_t count, pccl_dtype dtype,
                                 uint32_t root, uint64_t tag, int32_t timeout_ms,
                                 pccl_reduce_info *info);
 
 /* pccl_comm_all_gather_start gathers count elements of src from every rank
  * into dst (world * count elements, rank order); src must not overlap dst
- * unless it is exactly dst's block for this rank. */
+ * unless it is exactly dst's block for this rank.  src is never written;
+ * dst is unspecified on failure.  Handle owned by the caller as above;
+ * buffers valid until it is waited for.  Does not block.  Thread-safe. */
 pccl_result pccl_comm_all_gather_start(pccl_comm *comm, const void *src, void *dst,
                                        size_t count, pccl_dtype dtype, uint64_t tag,
                                        pccl_op_handle **out);
 
-/* pccl_comm_all_gather is start + wait + free; blocks up to timeout_ms. */
+/* pccl_comm_all_gather is start + wait + free.  Blocks up to timeout_ms (<0: no
+ * limit); on that timeout the ring is broken (PCCL_ETIMEDOUT). */
 pccl_result pccl_comm_all_gather(pccl_comm *comm, const void *src, void *dst, size_t count,
                                  pccl_dtype dtype, uint64_t tag, int32_t timeout_ms,
                                  pccl_reduce_info *info);
@@ -265,22 +272,27 @@ pccl_result pccl_comm_all_gather(pccl_comm *comm, const void *src, void *dst, si
 /* pccl_comm_reduce_scatter_start reduces src (count = world * m elements)
  * over every rank and writes chunk rank (m elements) to dst, which must
  * not overlap src.  Ops, dtypes and quantization as for the all-reduce
- * (AVG divides once). */
+ * (AVG divides once); deterministic.  src is never written; dst is
+ * unspecified on failure.  Handle owned by the caller; buffers valid until
+ * it is waited for.  Does not block.  Thread-safe. */
 pccl_result pccl_comm_reduce_scatter_start(pccl_comm *comm, const void *src, void *dst,
                                            size_t count, pccl_dtype dtype, pccl_op op,
                                            pccl_quant quant, uint64_t tag,
                                            pccl_op_handle **out);
 
-/* pccl_comm_reduce_scatter is start + wait + free; blocks up to timeout_ms. */
+/* pccl_comm_reduce_scatter is start + wait + free.  Blocks up to timeout_ms (<0: no
+ * limit); on that timeout the ring is broken (PCCL_ETIMEDOUT). */
 pccl_result pccl_comm_reduce_scatter(pccl_comm *comm, const void *src, void *dst, size_t count,
                                      pccl_dtype dtype, pccl_op op, pccl_quant quant,
                                      uint64_t tag, int32_t timeout_ms, pccl_reduce_info *info);
 
 /* pccl_comm_barrier_start starts a barrier: its wait returns on a rank
- * only once every rank of the ring has started it. */
+ * only once every rank of the ring has started it.  Handle owned by the
+ * caller (pccl_op_wait, pccl_op_free).  Does not block.  Thread-safe. */
 pccl_result pccl_comm_barrier_start(pccl_comm *comm, uint64_t tag, pccl_op_handle **out);
 
-/* pccl_comm_barrier is start + wait + free; blocks up to timeout_ms. */
+/* pccl_comm_barrier is start + wait + free.  Blocks up to timeout_ms (<0: no
+ * limit); on that timeout the ring is broken (PCCL_ETIMEDOUT). */
 pccl_result pccl_comm_barrier(pccl_comm *comm, uint64_t tag, int32_t timeout_ms);
 
 #ifdef __cplusplus
