@@ -437,9 +437,35 @@ class NativeComm:
                                            int(dtype), root, tag, h)
         return self._handle(rv, h, (x,), "broadcast")
 
-    def broadcast(self, x: Any, root: int = 0, *, tag: int = 0) -> ReduceInfo:
-        """Broadcast ``x`` from ring rank ``root`` (in place)."""
-        return self.broadcast_async(x, root, tag=tag).wait()
+    def broadcast(self, x: Any, root: int = 0, *, tag: int = 0,
+                  timeout: float | None = None) -> ReduceInfo:
+        """Broadcast ``x`` from ring rank ``root`` (in place).  A ``timeout``
+        (seconds) that passes aborts the ring (:class:`pccl.PcclTimeoutError`)."""
+        self._check_open()
+        root = errors.check_int(root, "root", 0, self.world_size)
+        tag = errors.check_int(tag, "tag", 0, 2**64)
+        addr, count, dtype, _ = buffer_info(x, "x", writable=self.ring_rank != root)
+        info = ffi.new("pccl_reduce_info *")
+        # Blocking in C (GIL released): the caller's thread drives the op
+        # when the engine is idle, as for all_reduce.
+        rv = lib.pccl_comm_broadcast(self._comm, ffi.cast("void *", addr), count, int(dtype),
+                                     root, tag, _timeout_ms(timeout), info)
+        return self._blocking_result(rv, info, "broadcast", timeout)
+
+    def _blocking_result(self, rv: int, info, what: str, timeout: float | None) -> ReduceInfo:
+        """The outcome of a blocking C collective, errors as all_reduce's."""
+        if rv == lib.PCCL_ETIMEDOUT and timeout is not None:
+            raise errors.PcclTimeoutError(
+                f"{what}: not finished after {timeout:g} s (the ring is now broken)", rv
+            )
+        if rv == lib.PCCL_ETIMEDOUT:
+            raise errors.PcclTimeoutError(
+                f"{what}: the ring moved no byte for the progress timeout"
+                + (f" ({self._progress_timeout:g} s)" if self._progress_timeout else ""),
+                rv,
+            )
+        check(rv, what)
+        return ReduceInfo(info.world, info.tx_bytes, info.rx_bytes)
 
     def _gather_args(self, x: Any, out: Any):
         src, count, dtype, _ = buffer_info(x, "x")
@@ -453,6 +479,13 @@ class NativeComm:
     def all_gather_async(self, x: Any, out: Any, *, tag: int = 0) -> ReduceHandle:
         """Start an all-gather of every rank's ``x`` into ``out`` (``world *
         x.size`` elements, rank order); returns a :class:`pccl.ReduceHandle`."""
+        src, dst, count, dtype, tag = self._all_gather_args(x, out, tag)
+        h = ffi.new("pccl_op_handle **")
+        rv = lib.pccl_comm_all_gather_start(self._comm, ffi.cast("void *", src),
+                                            ffi.cast("void *", dst), count, int(dtype), tag, h)
+        return self._handle(rv, h, (x, out), "all_gather")
+
+    def _all_gather_args(self, x: Any, out: Any, tag: int):
         self._check_open()
         tag = errors.check_int(tag, "tag", 0, 2**64)
         src, count, dst, ocount, dtype = self._gather_args(x, out)
@@ -467,14 +500,17 @@ class NativeComm:
             raise errors.InvalidArgumentError(
                 "all_gather: x overlaps out other than as out's block for this rank"
             )
-        h = ffi.new("pccl_op_handle **")
-        rv = lib.pccl_comm_all_gather_start(self._comm, ffi.cast("void *", src),
-                                            ffi.cast("void *", dst), count, int(dtype), tag, h)
-        return self._handle(rv, h, (x, out), "all_gather")
+        return src, dst, count, dtype, tag
 
-    def all_gather(self, x: Any, out: Any, *, tag: int = 0) -> ReduceInfo:
+    def all_gather(self, x: Any, out: Any, *, tag: int = 0,
+                   timeout: float | None = None) -> ReduceInfo:
         """Gather every rank's ``x`` into ``out`` in rank order."""
-        return self.all_gather_async(x, out, tag=tag).wait()
+        src, dst, count, dtype, tag = self._all_gather_args(x, out, tag)
+        info = ffi.new("pccl_reduce_info *")
+        rv = lib.pccl_comm_all_gather(self._comm, ffi.cast("void *", src),
+                                      ffi.cast("void *", dst), count, int(dtype), tag,
+                                      _timeout_ms(timeout), info)
+        return self._blocking_result(rv, info, "all_gather", timeout)
 
     def reduce_scatter_async(
         self, x: Any, out: Any, *, op: ReduceOp | int = ReduceOp.SUM,
@@ -483,6 +519,12 @@ class NativeComm:
         """Start a reduce-scatter: ``x`` has ``world * out.size`` elements;
         ring rank r receives chunk r reduced over every rank into ``out``.
         Returns a :class:`pccl.ReduceHandle`."""
+        args = self._reduce_scatter_args(x, out, op, quantization, tag)
+        h = ffi.new("pccl_op_handle **")
+        rv = lib.pccl_comm_reduce_scatter_start(self._comm, *args, h)
+        return self._handle(rv, h, (x, out), "reduce_scatter")
+
+    def _reduce_scatter_args(self, x, out, op, quantization, tag) -> tuple:
         self._check_open()
         op = _enum_arg(ReduceOp, op, "op")
         quantization = _enum_arg(Quantization, quantization, "quantization")
@@ -501,19 +543,19 @@ class NativeComm:
             raise errors.InvalidArgumentError(
                 f"quantization {quantization.name} needs a floating dtype, got {dtype.name}"
             )
-        h = ffi.new("pccl_op_handle **")
-        rv = lib.pccl_comm_reduce_scatter_start(self._comm, ffi.cast("void *", src),
-                                                ffi.cast("void *", dst), count, int(dtype),
-                                                int(op), int(quantization), tag, h)
-        return self._handle(rv, h, (x, out), "reduce_scatter")
+        return (ffi.cast("void *", src), ffi.cast("void *", dst), count, int(dtype), int(op),
+                int(quantization), tag)
 
     def reduce_scatter(
         self, x: Any, out: Any, *, op: ReduceOp | int = ReduceOp.SUM,
         quantization: Quantization | int = Quantization.NONE, tag: int = 0,
+        timeout: float | None = None,
     ) -> ReduceInfo:
         """Reduce ``x`` over the ring; this rank's chunk goes to ``out``."""
-        return self.reduce_scatter_async(x, out, op=op, quantization=quantization,
-                                         tag=tag).wait()
+        args = self._reduce_scatter_args(x, out, op, quantization, tag)
+        info = ffi.new("pccl_reduce_info *")
+        rv = lib.pccl_comm_reduce_scatter(self._comm, *args, _timeout_ms(timeout), info)
+        return self._blocking_result(rv, info, "reduce_scatter", timeout)
 
     def barrier_async(self, *, tag: int = 0) -> ReduceHandle:
         """Start a barrier: its ``wait()`` returns once every rank entered."""
@@ -523,9 +565,13 @@ class NativeComm:
         rv = lib.pccl_comm_barrier_start(self._comm, tag, h)
         return self._handle(rv, h, (), "barrier")
 
-    def barrier(self, *, tag: int = 0) -> ReduceInfo:
+    def barrier(self, *, tag: int = 0, timeout: float | None = None) -> ReduceInfo:
         """Return once every rank of the ring entered the barrier."""
-        return self.barrier_async(tag=tag).wait()
+        self._check_open()
+        tag = errors.check_int(tag, "tag", 0, 2**64)
+        info = ffi.new("pccl_reduce_info *")
+        rv = lib.pccl_comm_barrier(self._comm, tag, _timeout_ms(timeout), info)
+        return self._blocking_result(rv, info, "barrier", timeout)
 
     # -- shared-state transfers --------------------------------------------
 

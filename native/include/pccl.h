@@ -293,7 +293,8 @@ pccl_result pccl_comm_barrier_start(pccl_comm *comm, uint64_t tag, pccl_op_handl
 
 /* pccl_comm_barrier is start + wait + free.  Blocks up to timeout_ms (<0: no
  * limit); on that timeout the ring is broken (PCCL_ETIMEDOUT). */
-pccl_result pccl_comm_barrier(pccl_comm *comm, uint64_t tag, int32_t timeout_ms);
+pccl_result pccl_comm_barrier(pccl_comm *comm, uint64_t tag, int32_t timeout_ms,
+                              pccl_reduce_info *info);
 
 #ifdef __cplusplus
 }

@@ -309,7 +309,7 @@ barrier_holds(uint32_t world)
     ru_destroy(&cl);
     /* world 1: returns at once */
     ru_create(&cl, 1, NULL);
-    CHECK_OK(pccl_comm_barrier(cl.comm[0], 0, 1000));
+    CHECK_OK(pccl_comm_barrier(cl.comm[0], 0, 1000, NULL));
     ru_destroy(&cl);
 }
 
@@ -568,7 +568,11 @@ invalid_args(void)
         CHECK_RV(pccl_comm_broadcast_start(cl.comm[0], a, 4, PCCL_FLOAT32, 0, 9, &h2),
                  PCCL_EBUSY);
     }
-    CHECK_OK(pccl_comm_barrier(cl.comm[1], 9, 20000));
+    {
+        pccl_reduce_info bi;
+        CHECK_OK(pccl_comm_barrier(cl.comm[1], 9, 20000, &bi));
+        CHECK(bi.world == 2 && bi.tx_bytes == bi.rx_bytes && bi.tx_bytes == 73);
+    }
     CHECK_OK(pccl_op_wait(h, 20000, NULL));
     CHECK_OK(pccl_op_free(h));
     ru_destroy(&cl);

@@ -527,7 +527,7 @@ pccl_comm_barrier_start(pccl_comm *comm, uint64_t tag, pccl_op_handle **out)
 }
 
 pccl_result
-pccl_comm_barrier(pccl_comm *comm, uint64_t tag, int32_t timeout_ms)
+pccl_comm_barrier(pccl_comm *comm, uint64_t tag, int32_t timeout_ms, pccl_reduce_info *info)
 {
     pccl_op_handle *h;
     pccl_result rv;
@@ -535,5 +535,5 @@ pccl_comm_barrier(pccl_comm *comm, uint64_t tag, int32_t timeout_ms)
     if ((rv = start_barrier(comm, tag, 0, &h)) != 0) {
         return rv;
     }
-    return wait_and_free(h, timeout_ms, NULL);
+    return wait_and_free(h, timeout_ms, info);
 }
