@@ -134,6 +134,11 @@ class GlooWorker(_Worker):
     def __init__(self, rank: int, world: int, options: dict):
         super().__init__(rank, world, options)
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        import warnings
+
+        # torch 2.13 calls the *_tensor forms deprecated; they are still
+        # the fused calls gloo implements (and exist on older torch).
+        warnings.filterwarnings("ignore", category=FutureWarning, module="torch")
         import torch
         import torch.distributed as dist
 
