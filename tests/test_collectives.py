@@ -116,6 +116,15 @@ def test_collectives_match_references(tmp_path, world):
                 _check(kind, replies, seed, n, **kw)
             else:
                 assert all(r["ok"] for r in replies)
+        if world == 2:
+            # Bad arguments: ValueError-derived pccl errors before any byte
+            # moves; nothing is counted, so the next op still meets.
+            for rep in request_all(peers, "collective_errors", timeout=30):
+                for name, err in rep["raised"].items():
+                    assert err is not None and err[1] and err[2], (name, err)
+            replies = request_all(peers, "collective", timeout=30, kind="all_gather", n=5,
+                                  seed=99)
+            _check("all_gather", replies, 99, 5)
 
 
 @pytest.mark.timeout(120)

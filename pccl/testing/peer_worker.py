@@ -316,6 +316,28 @@ class _Worker:
         )
         return reply
 
+    def cmd_collective_errors(self) -> dict:
+        """Call every collective with bad arguments; the error type of each
+        (all must be raised before any byte moves, and count no op)."""
+        comm, n = self.comm, self.comm.group_world_size
+        x = np.zeros(10, np.float32)
+        calls = {
+            "root_out_of_range": lambda: comm.broadcast(x, root=n),
+            "gather_out_size": lambda: comm.all_gather(x, np.empty(n * 10 + 1, np.float32)),
+            "gather_dtype": lambda: comm.all_gather(x, np.empty(n * 10, np.float64)),
+            "scatter_in_size": lambda: comm.reduce_scatter(np.zeros(n * 10 + 1, np.float32), x),
+            "scatter_dtype": lambda: comm.reduce_scatter(np.zeros(n * 10, np.int32), x),
+        }
+        raised = {}
+        for name, call in calls.items():
+            try:
+                call()
+                raised[name] = None
+            except Exception as exc:  # reported to the driver
+                raised[name] = [type(exc).__name__, isinstance(exc, ValueError),
+                                isinstance(exc, self.pccl.PcclError)]
+        return {"raised": raised}
+
     def cmd_close(self) -> dict:
         self.comm.close()
         return {}
