@@ -251,8 +251,8 @@ def print_report(data: dict) -> list[dict]:
         by.setdefault((r["collective"], r["world"], r["bytes"]), {})[r["contender"]] = r
     rows, table, styles = [], [], []
     for (coll, world, size), cs in by.items():
-        p = cs.get("pccl", {}).get("busbw_GBps") if "error" not in cs.get("pccl", {}) else None
-        g = cs.get("gloo", {}).get("busbw_GBps") if "error" not in cs.get("gloo", {}) else None
+        p = None if cs.get("pccl", {}).get("error") else cs.get("pccl", {}).get("busbw_GBps")
+        g = None if cs.get("gloo", {}).get("error") else cs.get("gloo", {}).get("busbw_GBps")
         ratio = p / g if p and g else None
         rows.append({"collective": coll, "world": world, "bytes": size, "pccl_GBps": p,
                      "gloo_GBps": g, "pccl_over_gloo": ratio})
@@ -306,6 +306,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="smoke test: 3 sizes, few iterations")
     ap.add_argument("--out", type=Path, default=c.OUT_DIR / "collectives.json",
                     help="JSON output")
+    ap.add_argument("--report", type=Path, default=None, metavar="JSON",
+                    help="print the table of an earlier run's JSON and exit")
     args = ap.parse_args(argv)
     q = args.quick
     args.worlds = c.parse_list(args.worlds)
@@ -331,6 +333,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.report is not None:
+        import json
+
+        print_report(json.loads(args.report.read_text()))
+        return 0
     c.install_cleanup()
     try:
         data = run(args)
