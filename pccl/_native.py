@@ -175,9 +175,11 @@ class AllReduceHandle(ReduceHandle):
     """An all-reduce of the native core in flight (a :class:`pccl.ReduceHandle`);
     the buffers stay referenced until ``wait`` returned or raised."""
 
-    __slots__ = ("_h", "_keep", "_result", "_lock", "_progress_timeout", "__weakref__")
+    __slots__ = ("_h", "_keep", "_result", "_lock", "_progress_timeout", "_what", "__weakref__")
 
-    def __init__(self, h, keep: tuple, progress_timeout: float | None = None):
+    def __init__(self, h, keep: tuple, progress_timeout: float | None = None,
+                 what: str = "all_reduce"):
+        self._what = what  # the collective, for messages
         self._h = h
         self._keep = keep
         self._result: ReduceInfo | BaseException | None = None
@@ -190,7 +192,7 @@ class AllReduceHandle(ReduceHandle):
         operation keeps running; call ``wait`` again or abort the comm."""
         if not self._lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
             raise errors.PcclTimeoutError(
-                f"all_reduce wait: another thread is waiting; not done after {timeout:g} s"
+                f"{self._what} wait: another thread is waiting; not done after {timeout:g} s"
             )
         try:
             if self._result is None:
@@ -198,18 +200,18 @@ class AllReduceHandle(ReduceHandle):
                 rv = lib.pccl_op_wait(self._h, _timeout_ms(timeout), info)
                 if rv == lib.PCCL_ETIMEDOUT and timeout is not None:
                     raise errors.PcclTimeoutError(
-                        f"all_reduce wait: the operation is still running after {timeout:g} s "
+                        f"{self._what} wait: the operation is still running after {timeout:g} s "
                         "(wait again, or abort)",
                         rv,
                     )
                 if rv == lib.PCCL_ETIMEDOUT:
                     self._result = errors.PcclTimeoutError(
-                        "all_reduce: the ring moved no byte for the progress timeout"
+                        f"{self._what}: the ring moved no byte for the progress timeout"
                         + (f" ({self._progress_timeout:g} s)" if self._progress_timeout else ""),
                         rv,
                     )
                 elif rv:
-                    self._result = error_for(rv, "all_reduce")
+                    self._result = error_for(rv, self._what)
                 else:
                     self._result = ReduceInfo(info.world, info.tx_bytes, info.rx_bytes)
                 self._release()
@@ -285,6 +287,7 @@ class NativeComm:
         check(lib.pccl_comm_listen_address(self._comm, buf, len(buf)), "listen address")
         self.address: str = ffi.string(buf).decode()
         self.world_size = 1
+        self.ring_rank = 0
 
     # -- ring -------------------------------------------------------------
 
@@ -329,6 +332,7 @@ class NativeComm:
             )
         check(rv, f"set ring (epoch {epoch})")
         self.world_size = world
+        self.ring_rank = rank
 
     # -- all-reduce -------------------------------------------------------
 
@@ -409,6 +413,165 @@ class NativeComm:
             )
         check(rv, "all_reduce")
         return ReduceInfo(info.world, info.tx_bytes, info.rx_bytes)
+
+    # -- broadcast, all-gather, reduce-scatter, barrier (docs/collectives.md)
+    #
+    # Every argument is checked here, before any byte moves; the blocking
+    # forms are start + wait.  On failure an input (the root's buffer, x)
+    # is unchanged; an output-only buffer (out, a non-root's x) holds
+    # anything.
+
+    def _handle(self, rv: int, h, keep: tuple, what: str) -> AllReduceHandle:
+        check(rv, what)
+        return AllReduceHandle(h[0], keep, self._progress_timeout, what)
+
+    def broadcast_async(self, x: Any, root: int = 0, *, tag: int = 0) -> ReduceHandle:
+        """Start a broadcast of ``x`` from ring rank ``root`` into ``x`` on
+        every other rank; returns a :class:`pccl.ReduceHandle`."""
+        self._check_open()
+        root = errors.check_int(root, "root", 0, self.world_size)
+        tag = errors.check_int(tag, "tag", 0, 2**64)
+        addr, count, dtype, _ = buffer_info(x, "x", writable=self.ring_rank != root)
+        h = ffi.new("pccl_op_handle **")
+        rv = lib.pccl_comm_broadcast_start(self._comm, ffi.cast("void *", addr), count,
+                                           int(dtype), root, tag, h)
+        return self._handle(rv, h, (x,), "broadcast")
+
+    def broadcast(self, x: Any, root: int = 0, *, tag: int = 0,
+                  timeout: float | None = None) -> ReduceInfo:
+        """Broadcast ``x`` from ring rank ``root`` (in place).  A ``timeout``
+        (seconds) that passes aborts the ring (:class:`pccl.PcclTimeoutError`)."""
+        self._check_open()
+        root = errors.check_int(root, "root", 0, self.world_size)
+        tag = errors.check_int(tag, "tag", 0, 2**64)
+        addr, count, dtype, _ = buffer_info(x, "x", writable=self.ring_rank != root)
+        info = ffi.new("pccl_reduce_info *")
+        # Blocking in C (GIL released): the caller's thread drives the op
+        # when the engine is idle, as for all_reduce.
+        rv = lib.pccl_comm_broadcast(self._comm, ffi.cast("void *", addr), count, int(dtype),
+                                     root, tag, _timeout_ms(timeout), info)
+        return self._blocking_result(rv, info, "broadcast", timeout)
+
+    def _blocking_result(self, rv: int, info, what: str, timeout: float | None) -> ReduceInfo:
+        """The outcome of a blocking C collective, errors as all_reduce's."""
+        if rv == lib.PCCL_ETIMEDOUT and timeout is not None:
+            raise errors.PcclTimeoutError(
+                f"{what}: not finished after {timeout:g} s (the ring is now broken)", rv
+            )
+        if rv == lib.PCCL_ETIMEDOUT:
+            raise errors.PcclTimeoutError(
+                f"{what}: the ring moved no byte for the progress timeout"
+                + (f" ({self._progress_timeout:g} s)" if self._progress_timeout else ""),
+                rv,
+            )
+        check(rv, what)
+        return ReduceInfo(info.world, info.tx_bytes, info.rx_bytes)
+
+    def _gather_args(self, x: Any, out: Any):
+        src, count, dtype, _ = buffer_info(x, "x")
+        dst, ocount, odtype, _ = buffer_info(out, "out", writable=True)
+        if odtype != dtype:
+            raise errors.InvalidArgumentError(
+                f"out must have x's dtype: x is {dtype.name}, out is {odtype.name}"
+            )
+        return src, count, dst, ocount, dtype
+
+    def all_gather_async(self, x: Any, out: Any, *, tag: int = 0) -> ReduceHandle:
+        """Start an all-gather of every rank's ``x`` into ``out`` (``world *
+        x.size`` elements, rank order); returns a :class:`pccl.ReduceHandle`."""
+        src, dst, count, dtype, tag = self._all_gather_args(x, out, tag)
+        h = ffi.new("pccl_op_handle **")
+        rv = lib.pccl_comm_all_gather_start(self._comm, ffi.cast("void *", src),
+                                            ffi.cast("void *", dst), count, int(dtype), tag, h)
+        return self._handle(rv, h, (x, out), "all_gather")
+
+    def _all_gather_args(self, x: Any, out: Any, tag: int):
+        self._check_open()
+        tag = errors.check_int(tag, "tag", 0, 2**64)
+        src, count, dst, ocount, dtype = self._gather_args(x, out)
+        n = self.world_size
+        if ocount != n * count:
+            raise errors.InvalidArgumentError(
+                f"all_gather: out must have group_world_size * x.size = {n} * {count} "
+                f"elements, has {ocount}"
+            )
+        es = _ELEMENT_SIZE[dtype]
+        if _overlap(src, count * es, dst, ocount * es) and src != dst + self.ring_rank * count * es:
+            raise errors.InvalidArgumentError(
+                "all_gather: x overlaps out other than as out's block for this rank"
+            )
+        return src, dst, count, dtype, tag
+
+    def all_gather(self, x: Any, out: Any, *, tag: int = 0,
+                   timeout: float | None = None) -> ReduceInfo:
+        """Gather every rank's ``x`` into ``out`` in rank order."""
+        src, dst, count, dtype, tag = self._all_gather_args(x, out, tag)
+        info = ffi.new("pccl_reduce_info *")
+        rv = lib.pccl_comm_all_gather(self._comm, ffi.cast("void *", src),
+                                      ffi.cast("void *", dst), count, int(dtype), tag,
+                                      _timeout_ms(timeout), info)
+        return self._blocking_result(rv, info, "all_gather", timeout)
+
+    def reduce_scatter_async(
+        self, x: Any, out: Any, *, op: ReduceOp | int = ReduceOp.SUM,
+        quantization: Quantization | int = Quantization.NONE, tag: int = 0,
+    ) -> ReduceHandle:
+        """Start a reduce-scatter: ``x`` has ``world * out.size`` elements;
+        ring rank r receives chunk r reduced over every rank into ``out``.
+        Returns a :class:`pccl.ReduceHandle`."""
+        args = self._reduce_scatter_args(x, out, op, quantization, tag)
+        h = ffi.new("pccl_op_handle **")
+        rv = lib.pccl_comm_reduce_scatter_start(self._comm, *args, h)
+        return self._handle(rv, h, (x, out), "reduce_scatter")
+
+    def _reduce_scatter_args(self, x, out, op, quantization, tag) -> tuple:
+        self._check_open()
+        op = _enum_arg(ReduceOp, op, "op")
+        quantization = _enum_arg(Quantization, quantization, "quantization")
+        tag = errors.check_int(tag, "tag", 0, 2**64)
+        src, count, dst, ocount, dtype = self._gather_args(x, out)
+        n = self.world_size
+        if count != n * ocount:
+            raise errors.InvalidArgumentError(
+                f"reduce_scatter: x must have group_world_size * out.size = {n} * {ocount} "
+                f"elements, has {count}"
+            )
+        es = _ELEMENT_SIZE[dtype]
+        if _overlap(src, count * es, dst, ocount * es):
+            raise errors.InvalidArgumentError("reduce_scatter: x and out overlap")
+        if quantization != Quantization.NONE and dtype not in _FLOAT_DTYPES:
+            raise errors.InvalidArgumentError(
+                f"quantization {quantization.name} needs a floating dtype, got {dtype.name}"
+            )
+        return (ffi.cast("void *", src), ffi.cast("void *", dst), count, int(dtype), int(op),
+                int(quantization), tag)
+
+    def reduce_scatter(
+        self, x: Any, out: Any, *, op: ReduceOp | int = ReduceOp.SUM,
+        quantization: Quantization | int = Quantization.NONE, tag: int = 0,
+        timeout: float | None = None,
+    ) -> ReduceInfo:
+        """Reduce ``x`` over the ring; this rank's chunk goes to ``out``."""
+        args = self._reduce_scatter_args(x, out, op, quantization, tag)
+        info = ffi.new("pccl_reduce_info *")
+        rv = lib.pccl_comm_reduce_scatter(self._comm, *args, _timeout_ms(timeout), info)
+        return self._blocking_result(rv, info, "reduce_scatter", timeout)
+
+    def barrier_async(self, *, tag: int = 0) -> ReduceHandle:
+        """Start a barrier: its ``wait()`` returns once every rank entered."""
+        self._check_open()
+        tag = errors.check_int(tag, "tag", 0, 2**64)
+        h = ffi.new("pccl_op_handle **")
+        rv = lib.pccl_comm_barrier_start(self._comm, tag, h)
+        return self._handle(rv, h, (), "barrier")
+
+    def barrier(self, *, tag: int = 0, timeout: float | None = None) -> ReduceInfo:
+        """Return once every rank of the ring entered the barrier."""
+        self._check_open()
+        tag = errors.check_int(tag, "tag", 0, 2**64)
+        info = ffi.new("pccl_reduce_info *")
+        rv = lib.pccl_comm_barrier(self._comm, tag, _timeout_ms(timeout), info)
+        return self._blocking_result(rv, info, "barrier", timeout)
 
     # -- shared-state transfers --------------------------------------------
 

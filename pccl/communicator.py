@@ -108,9 +108,12 @@ class _MasterReduceHandle(ReduceHandle):
         "_key",
         "_result",
         "_lock",
+        "_name",
     )
 
-    def __init__(self, comm, link, native_handle, start_error, x, scratch, key):
+    def __init__(self, comm, link, native_handle, start_error, x, scratch, key,
+                 name: str = "all_reduce"):
+        self._name = name  # the collective, for messages
         self._comm = comm
         self._link = link
         self._native_handle = native_handle
@@ -155,7 +158,7 @@ class _MasterReduceHandle(ReduceHandle):
 
     def _what(self) -> str:
         epoch, tag, seq = self._key
-        return f"all_reduce (tag {tag}, seq {seq}, epoch {epoch})"
+        return f"{self._name} (tag {tag}, seq {seq}, epoch {epoch})"
 
     def _finish(self, deadline: _Deadline) -> ReduceInfo:
         epoch, tag, seq = self._key
@@ -613,23 +616,35 @@ class Communicator:
         else:
             scratch = None
             dst = out
+        try:
+            return self._start_op(
+                "all_reduce", link, tag, x, scratch,
+                lambda: native.all_reduce_async(x, dst, op=op, quantization=quantization, tag=tag),
+            )
+        except _USAGE_ERRORS:
+            self._release_scratch(tag, scratch)
+            raise
+
+    def _start_op(self, name: str, link: MasterLink, tag: int, x, scratch, start) -> ReduceHandle:
+        """Start one collective on the native ring (``start()`` returns its
+        native handle) as the (epoch, tag, seq) the master rules on; its
+        handle reports the outcome and waits for the verdict.  Usage errors
+        are raised at once; a broken or aborted ring becomes the op's
+        local failure (reported, so that the group agrees)."""
         with self._lock:
             epoch = self._ring.op_epoch
             seq = self._seq.get(tag, 0)
             start_error = None
             native_handle = None
             try:
-                native_handle = native.all_reduce_async(
-                    x, dst, op=op, quantization=quantization, tag=tag
-                )
+                native_handle = start()
             except _USAGE_ERRORS:
-                self._release_scratch(tag, scratch)
                 raise
             except errors.PcclError as exc:  # the ring is broken or aborted
                 start_error = exc
             self._seq[tag] = seq + 1
         return _MasterReduceHandle(
-            self, link, native_handle, start_error, x, scratch, (epoch, tag, seq)
+            self, link, native_handle, start_error, x, scratch, (epoch, tag, seq), name
         )
 
     def all_reduce_many(
@@ -721,6 +736,83 @@ class Communicator:
                     pass
             raise
         return sorted(failed), error
+
+    # ------------------------------------------------------------------
+    # Broadcast, all-gather, reduce-scatter, barrier (docs/collectives.md).
+    # The same path as all_reduce: the native op, then op_done to the
+    # master and its verdict; every member succeeds or every survivor
+    # raises PeerLostError.  No scratch: the inputs (the root's x, x) are
+    # only read, and the outputs (out, a non-root's x) are output only and
+    # hold anything after a failure.
+
+    def _native_for_op(self) -> tuple[MasterLink, NativeComm]:
+        link = self._check_connected()
+        native = self._native
+        assert native is not None
+        return link, native
+
+    def broadcast(self, x: Any, root: int = 0, *, tag: int = 0) -> ReduceInfo:
+        """Broadcast ``x`` from rank ``root`` of this peer group to every
+        member, in place.  Raises :class:`pccl.PeerLostError` on every
+        survivor if the group lost a peer (the root's ``x`` unchanged, the
+        others' ``x`` unspecified)."""
+        return self.broadcast_async(x, root, tag=tag).wait()
+
+    def broadcast_async(self, x: Any, root: int = 0, *, tag: int = 0) -> ReduceHandle:
+        """Start :meth:`broadcast`; returns a :class:`pccl.ReduceHandle`."""
+        link, native = self._native_for_op()
+        errors.check_int(tag, "tag", 0, 2**63)
+        errors.check_int(root, "root", 0, max(1, self.group_world_size))
+        return self._start_op("broadcast", link, tag, x, None,
+                              lambda: native.broadcast_async(x, root, tag=tag))
+
+    def all_gather(self, x: Any, out: Any, *, tag: int = 0) -> ReduceInfo:
+        """Gather every member's ``x`` into ``out`` (``group_world_size *
+        x.size`` elements of x's dtype, rank order).  On failure ``x`` is
+        unchanged and ``out`` unspecified."""
+        return self.all_gather_async(x, out, tag=tag).wait()
+
+    def all_gather_async(self, x: Any, out: Any, *, tag: int = 0) -> ReduceHandle:
+        """Start :meth:`all_gather`; returns a :class:`pccl.ReduceHandle`."""
+        link, native = self._native_for_op()
+        errors.check_int(tag, "tag", 0, 2**63)
+        return self._start_op("all_gather", link, tag, x, None,
+                              lambda: native.all_gather_async(x, out, tag=tag))
+
+    def reduce_scatter(
+        self, x: Any, out: Any, *, op: ReduceOp | int = ReduceOp.SUM,
+        quantization: Quantization | int = Quantization.NONE, tag: int = 0,
+    ) -> ReduceInfo:
+        """Reduce ``x`` (``group_world_size * out.size`` elements) over the
+        group; rank r receives chunk r into ``out``.  On failure ``x`` is
+        unchanged and ``out`` unspecified."""
+        return self.reduce_scatter_async(x, out, op=op, quantization=quantization,
+                                         tag=tag).wait()
+
+    def reduce_scatter_async(
+        self, x: Any, out: Any, *, op: ReduceOp | int = ReduceOp.SUM,
+        quantization: Quantization | int = Quantization.NONE, tag: int = 0,
+    ) -> ReduceHandle:
+        """Start :meth:`reduce_scatter`; returns a :class:`pccl.ReduceHandle`."""
+        link, native = self._native_for_op()
+        errors.check_int(tag, "tag", 0, 2**63)
+        return self._start_op(
+            "reduce_scatter", link, tag, x, None,
+            lambda: native.reduce_scatter_async(x, out, op=op, quantization=quantization,
+                                                tag=tag),
+        )
+
+    def barrier(self, *, tag: int = 0) -> ReduceInfo:
+        """Return once every member of the group entered the barrier (and
+        the master agreed); :class:`pccl.PeerLostError` otherwise."""
+        return self.barrier_async(tag=tag).wait()
+
+    def barrier_async(self, *, tag: int = 0) -> ReduceHandle:
+        """Start :meth:`barrier`; returns a :class:`pccl.ReduceHandle`."""
+        link, native = self._native_for_op()
+        errors.check_int(tag, "tag", 0, 2**63)
+        return self._start_op("barrier", link, tag, None, None,
+                              lambda: native.barrier_async(tag=tag))
 
     # ------------------------------------------------------------------
     # Scratch buffers for in-place reductions, one cached per tag.

@@ -8,7 +8,7 @@ set -eu
 
 SECONDS_PER=${1:-20}
 shift || true
-HARNESSES=${*:-"frame_fuzz handshake_fuzz rx_fuzz"}
+HARNESSES=${*:-"frame_fuzz handshake_fuzz rx_fuzz coll_fuzz"}
 OUT=build/fuzz
 SRC=native
 CC=${FUZZ_CC:-clang}
@@ -41,6 +41,13 @@ if ! can_fuzz; then
     can_fuzz || { loud "FUZZING FAILED: clang still cannot link -fsanitize=fuzzer"; exit 1; }
 fi
 
+# The receive paths of broadcast, all-gather and reduce-scatter.
+COLL_SRCS="$SRC/src/net/conn.c $SRC/src/net/frame.c $SRC/src/coll/allreduce_ring.c
+    $SRC/src/coll/reducescatter_ring.c $SRC/src/coll/allgather_ring.c
+    $SRC/src/coll/broadcast_ring.c $SRC/src/coll/kernels.c $SRC/src/coll/quant.c
+    $SRC/src/platform/posix/socket.c $SRC/src/platform/posix/thread.c
+    $SRC/src/core/result.c -lpthread"
+
 build() {
     case $1 in
     frame_fuzz) set -- "$1" $SRC/src/net/frame.c $SRC/src/core/result.c ;;
@@ -50,6 +57,7 @@ build() {
                  $SRC/src/coll/allreduce_ring.c $SRC/src/coll/kernels.c $SRC/src/coll/quant.c \
                  $SRC/src/platform/posix/socket.c $SRC/src/platform/posix/thread.c \
                  $SRC/src/core/result.c -lpthread ;;
+    coll_fuzz) set -- "$1" $COLL_SRCS ;;
     *) echo "unknown harness $1" >&2; exit 2 ;;
     esac
     h=$1; shift
@@ -74,6 +82,12 @@ for h in $HARNESSES; do
             $SRC/src/platform/posix/thread.c $SRC/src/core/result.c -lpthread -lm \
             -o "$OUT/rx_seeds"
         "$OUT/rx_seeds" "$corpus"
+    fi
+    if [ "$h" = coll_fuzz ] && [ -z "$(ls -A "$corpus")" ]; then
+        # shellcheck disable=SC2086
+        $CC $CF -DCOLL_FUZZ_SEEDS -fsanitize=address,undefined "$SRC/fuzz/coll_fuzz.c" \
+            $COLL_SRCS -lm -o "$OUT/coll_seeds"
+        "$OUT/coll_seeds" "$corpus"
     fi
     if [ -d "$regress" ] && [ -n "$(ls "$regress")" ]; then
         echo "== $h: replay $(ls "$regress" | wc -l) regression inputs"

@@ -228,6 +228,74 @@ pccl_result pccl_comm_close(pccl_comm *comm);
  * be running or follow. */
 pccl_result pccl_comm_free(pccl_comm *comm);
 
+
+/* ---- Ring collectives besides the all-reduce (docs/collectives.md).
+ * Each start call validates its arguments before any byte moves, writes a
+ * handle the caller owns (wait with pccl_op_wait, release with
+ * pccl_op_free), does not block and is thread-safe; buffers must stay
+ * valid until the op is waited for.  tag and seq match ops across peers
+ * as for the all-reduce (one seq counter per tag, shared by every kind of
+ * op).  A failed op never modifies an input; output-only buffers hold
+ * anything after a failure.  The blocking forms are start + wait + free
+ * and break the ring when timeout_ms (<0: no limit) passes. */
+
+/* pccl_comm_broadcast_start sends count elements of buf from rank root to
+ * every rank's buf (root: read only, unchanged on failure; others: output
+ * only, unspecified on failure).  Writes a handle the caller owns
+ * (pccl_op_wait, pccl_op_free); buf stays valid until then.  Does not
+ * block.  Thread-safe. */
+pccl_result pccl_comm_broadcast_start(pccl_comm *comm, void *buf, size_t count,
+                                      pccl_dtype dtype, uint32_t root, uint64_t tag,
+                                      pccl_op_handle **out);
+
+/* pccl_comm_broadcast is start + wait + free.  Blocks up to timeout_ms
+ * (<0: no limit); on that timeout the ring is broken (PCCL_ETIMEDOUT). */
+pccl_result pccl_comm_broadcast(pccl_comm *comm, void *buf, size_t count, pccl_dtype dtype,
+                                uint32_t root, uint64_t tag, int32_t timeout_ms,
+                                pccl_reduce_info *info);
+
+/* pccl_comm_all_gather_start gathers count elements of src from every rank
+ * into dst (world * count elements, rank order); src must not overlap dst
+ * unless it is exactly dst's block for this rank.  src is never written;
+ * dst is unspecified on failure.  Handle owned by the caller as above;
+ * buffers valid until it is waited for.  Does not block.  Thread-safe. */
+pccl_result pccl_comm_all_gather_start(pccl_comm *comm, const void *src, void *dst,
+                                       size_t count, pccl_dtype dtype, uint64_t tag,
+                                       pccl_op_handle **out);
+
+/* pccl_comm_all_gather is start + wait + free.  Blocks up to timeout_ms (<0: no
+ * limit); on that timeout the ring is broken (PCCL_ETIMEDOUT). */
+pccl_result pccl_comm_all_gather(pccl_comm *comm, const void *src, void *dst, size_t count,
+                                 pccl_dtype dtype, uint64_t tag, int32_t timeout_ms,
+                                 pccl_reduce_info *info);
+
+/* pccl_comm_reduce_scatter_start reduces src (count = world * m elements)
+ * over every rank and writes chunk rank (m elements) to dst, which must
+ * not overlap src.  Ops, dtypes and quantization as for the all-reduce
+ * (AVG divides once); deterministic.  src is never written; dst is
+ * unspecified on failure.  Handle owned by the caller; buffers valid until
+ * it is waited for.  Does not block.  Thread-safe. */
+pccl_result pccl_comm_reduce_scatter_start(pccl_comm *comm, const void *src, void *dst,
+                                           size_t count, pccl_dtype dtype, pccl_op op,
+                                           pccl_quant quant, uint64_t tag,
+                                           pccl_op_handle **out);
+
+/* pccl_comm_reduce_scatter is start + wait + free.  Blocks up to timeout_ms (<0: no
+ * limit); on that timeout the ring is broken (PCCL_ETIMEDOUT). */
+pccl_result pccl_comm_reduce_scatter(pccl_comm *comm, const void *src, void *dst, size_t count,
+                                     pccl_dtype dtype, pccl_op op, pccl_quant quant,
+                                     uint64_t tag, int32_t timeout_ms, pccl_reduce_info *info);
+
+/* pccl_comm_barrier_start starts a barrier: its wait returns on a rank
+ * only once every rank of the ring has started it.  Handle owned by the
+ * caller (pccl_op_wait, pccl_op_free).  Does not block.  Thread-safe. */
+pccl_result pccl_comm_barrier_start(pccl_comm *comm, uint64_t tag, pccl_op_handle **out);
+
+/* pccl_comm_barrier is start + wait + free.  Blocks up to timeout_ms (<0: no
+ * limit); on that timeout the ring is broken (PCCL_ETIMEDOUT). */
+pccl_result pccl_comm_barrier(pccl_comm *comm, uint64_t tag, int32_t timeout_ms,
+                              pccl_reduce_info *info);
+
 #ifdef __cplusplus
 }
 #endif

@@ -236,6 +236,108 @@ class _Worker:
             times.append(time.perf_counter() - t0)
         return {"times": times}
 
+    # -- broadcast, all-gather, reduce-scatter, barrier ----------------------
+
+    def cmd_collective(
+        self,
+        kind: str,
+        n: int,
+        seed: int,
+        dtype: str = "float32",
+        op: str = "SUM",
+        root: int = 0,
+        quantization: str = "NONE",
+        tag: int = 0,
+        withhold: bool = False,
+        retry: bool = False,
+        max_retries: int = 5,
+    ) -> dict:
+        """Run one ``kind`` (broadcast, all_gather, reduce_scatter, barrier)
+        on this peer's input for ``seed``: ``n`` elements (all_gather: per
+        peer; reduce_scatter: per peer of the output, the input has
+        group_world_size * n).  ``withhold``: emit "started" and run
+        nothing (a victim that never joins).  ``retry``: after a
+        PeerLostError, update_topology() and run it again (inputs remade
+        for the new group size)."""
+        pccl = self.pccl
+        comm = self.comm
+        reply: dict[str, Any] = {"retries": 0, "index": self.index}
+        while True:
+            gws = comm.group_world_size
+            if kind == "reduce_scatter":
+                x = make_input(seed, self.index, gws * n, dtype)
+                out = np.empty(n, dtype=dtype)
+            elif kind == "all_gather":
+                x = make_input(seed, self.index, n, dtype)
+                out = np.empty(gws * n, dtype=dtype)
+            else:
+                x = make_input(seed, self.index, n, dtype)
+                out = None
+            before = digest(x)
+            self.emit({"event": "started", "t": time.monotonic(), "seed": seed})
+            if withhold:
+                return dict(reply, withheld=True)
+            try:
+                if kind == "broadcast":
+                    info = comm.broadcast(x, root=root, tag=tag)
+                elif kind == "all_gather":
+                    info = comm.all_gather(x, out, tag=tag)
+                elif kind == "reduce_scatter":
+                    info = comm.reduce_scatter(
+                        x, out, op=pccl.ReduceOp[op],
+                        quantization=pccl.Quantization[quantization], tag=tag,
+                    )
+                elif kind == "barrier":
+                    info = comm.barrier(tag=tag)
+                else:
+                    raise ValueError(f"unknown collective {kind!r}")
+            except pccl.PeerLostError as exc:
+                reply.setdefault("t_error", time.monotonic())
+                reply.setdefault("first_error", type(exc).__name__)
+                reply.setdefault("first_message", str(exc))
+                # The input: x, except on a non-root of a broadcast (output).
+                if kind != "broadcast" or comm.rank == root:
+                    reply["x_unchanged"] = reply.get("x_unchanged", True) and digest(x) == before
+                if not retry or reply["retries"] >= max_retries:
+                    return dict(reply, ok=False, error=type(exc).__name__, message=str(exc))
+                reply["retries"] += 1
+                comm.update_topology()
+                continue
+            break
+        result = out if out is not None else x
+        reply.update(
+            self.info(),
+            t_done=time.monotonic(),
+            hash=digest(result),
+            result=result.astype(np.float64).tolist() if result.size <= 4096 else None,
+            checksum=float(result.astype(np.float64).sum()),
+            x_unchanged_after=kind == "broadcast" and comm.rank != root or digest(x) == before,
+            world=info.world_size,
+        )
+        return reply
+
+    def cmd_collective_errors(self) -> dict:
+        """Call every collective with bad arguments; the error type of each
+        (all must be raised before any byte moves, and count no op)."""
+        comm, n = self.comm, self.comm.group_world_size
+        x = np.zeros(10, np.float32)
+        calls = {
+            "root_out_of_range": lambda: comm.broadcast(x, root=n),
+            "gather_out_size": lambda: comm.all_gather(x, np.empty(n * 10 + 1, np.float32)),
+            "gather_dtype": lambda: comm.all_gather(x, np.empty(n * 10, np.float64)),
+            "scatter_in_size": lambda: comm.reduce_scatter(np.zeros(n * 10 + 1, np.float32), x),
+            "scatter_dtype": lambda: comm.reduce_scatter(np.zeros(n * 10, np.int32), x),
+        }
+        raised = {}
+        for name, call in calls.items():
+            try:
+                call()
+                raised[name] = None
+            except Exception as exc:  # reported to the driver
+                raised[name] = [type(exc).__name__, isinstance(exc, ValueError),
+                                isinstance(exc, self.pccl.PcclError)]
+        return {"raised": raised}
+
     def cmd_close(self) -> dict:
         self.comm.close()
         return {}

@@ -104,13 +104,13 @@ ring_sub(uint32_t a, uint32_t b, uint32_t n)
 static uint32_t
 send_chunk(const pccl__ring_op *o, uint32_t t)
 {
-    return ring_sub(o->g.rank, t % o->g.world, o->g.world);
+    return ring_sub(o->g.rank, (t + o->shift) % o->g.world, o->g.world);
 }
 
 static uint32_t
 recv_chunk(const pccl__ring_op *o, uint32_t t)
 {
-    return ring_sub(o->g.rank, (t + 1) % o->g.world, o->g.world);
+    return ring_sub(o->g.rank, (t + 1 + o->shift) % o->g.world, o->g.world);
 }
 
 static size_t
@@ -181,6 +181,16 @@ pccl__ring_op_init(pccl__ring_op *o, const pccl__ring_geom *g, const void *src, 
                    size_t count, pccl_dtype dtype, pccl_op op, pccl_quant quant, uint64_t tag,
                    uint32_t seq, uint8_t *backup_buf, uint8_t *q_buf)
 {
+    return pccl__ring_sched_init(o, &pccl__allreduce_ring_vt, 0, g, src, dst, NULL, count, dtype,
+                                 op, quant, tag, seq, backup_buf, q_buf);
+}
+
+pccl_result
+pccl__ring_sched_init(pccl__ring_op *o, const pccl__coll_vtable *vt, int rs,
+                      const pccl__ring_geom *g, const void *src, void *dst, void *own_out,
+                      size_t count, pccl_dtype dtype, pccl_op op, pccl_quant quant,
+                      uint64_t tag, uint32_t seq, uint8_t *backup_buf, uint8_t *q_buf)
+{
     uint32_t n = g->world, c, t;
     size_t base, extra, total_slices = 0, nunits, sz;
     uint8_t *p;
@@ -192,11 +202,18 @@ pccl__ring_op_init(pccl__ring_op *o, const pccl__ring_geom *g, const void *src, 
     o->dtype = dtype;
     o->op = op;
     o->quant = quant;
-    o->base.vt = &pccl__allreduce_ring_vt;
+    o->base.vt = vt;
     o->base.tag = tag;
     o->base.seq = seq;
     o->base.world = g->world;
     o->g = *g;
+    if (rs) {
+        o->shift = 1;
+        o->own_out = own_out;
+        if (n == 1) {
+            o->dst = own_out; /* alone, the owned chunk is the whole tensor */
+        }
+    }
     (void)pccl_dtype_size(dtype, &o->esize);
     if (count == 0) {
         return PCCL_OK;
@@ -208,7 +225,7 @@ pccl__ring_op_init(pccl__ring_op *o, const pccl__ring_geom *g, const void *src, 
         return PCCL_OK;
     }
 
-    o->nsteps = 2 * n - 2;
+    o->nsteps = rs ? n - 1 : 2 * n - 2;
     base = count / n;
     extra = count % n;
     o->max_slices = (uint32_t)((base + (extra != 0) + o->slice_elems - 1) / o->slice_elems);
@@ -570,7 +587,9 @@ ring_received(pccl__coll_op *b, uint32_t unit, const pccl__frame_header *h,
     size_t off = o->chunk_off[c] + rel;
     size_t len = o->chunk_len[c] - rel < o->slice_elems ? o->chunk_len[c] - rel : o->slice_elems;
     size_t gs = o->chunk_first[c] + j;
-    uint8_t *out = o->dst + off * o->esize;
+    /* The reduce-scatter's owned chunk goes to its own output. */
+    uint8_t *out = (o->own_out != NULL && t == n - 2) ? o->own_out + rel * o->esize
+                                                       : o->dst + off * o->esize;
 
     if (t < n - 1) {
         const uint8_t *local = o->src + off * o->esize;
@@ -623,4 +642,11 @@ ring_sent(pccl__coll_op *b, const pccl__frame_out *f)
 const pccl__coll_vtable pccl__allreduce_ring_vt = {
     "allreduce_ring", ring_begin,  ring_accept, ring_received, ring_sent,
     ring_needs_conn,  ring_done,   ring_assist, ring_restore,  ring_fini,
+};
+
+/* The reduce-scatter (reducescatter_ring.c) runs the same schedule code:
+ * its steps are the all-reduce's first world-1, shifted by one chunk. */
+const pccl__coll_vtable pccl__reducescatter_ring_vt = {
+    "reducescatter_ring", ring_begin,  ring_accept, ring_received, ring_sent,
+    ring_needs_conn,      ring_done,   ring_assist, ring_restore,  ring_fini,
 };

@@ -32,6 +32,8 @@ typedef struct pccl__ring_op {
     pccl_op op;
     pccl_quant quant;
     pccl__ring_geom g;
+    uint32_t shift;         /* 0; reduce-scatter: 1 (rank r owns chunk r) */
+    uint8_t *own_out;       /* reduce-scatter: where the owned chunk goes, else NULL */
 
     /* buffers */
     uint8_t *backup;        /* in place: the input's saved copy, else NULL */
@@ -43,7 +45,7 @@ typedef struct pccl__ring_op {
 
     /* schedule */
     size_t slice_elems;
-    uint32_t nsteps;        /* 2 * world - 2 */
+    uint32_t nsteps;        /* 2 * world - 2; reduce-scatter: world - 1 */
     uint32_t max_slices;    /* slices of the largest chunk */
     size_t *chunk_off;      /* per chunk, in elements */
     size_t *chunk_len;
@@ -79,6 +81,22 @@ pccl_result pccl__ring_op_init(pccl__ring_op *o, const pccl__ring_geom *g, const
                                void *dst, size_t count, pccl_dtype dtype, pccl_op op,
                                pccl_quant quant, uint64_t tag, uint32_t seq,
                                uint8_t *backup_buf, uint8_t *q_buf);
+
+/* pccl__ring_sched_init is pccl__ring_op_init with the schedule's two
+ * knobs, shared with the reduce-scatter (reducescatter_ring.c): rs = 1
+ * runs only the first world-1 steps, shifted so that rank r finalizes
+ * chunk r, which it writes to own_out (the other chunks' partial sums go
+ * to dst, a work buffer of count elements); rs = 0 is the all-reduce
+ * (own_out unused).  vt is the entry the op reports. */
+pccl_result pccl__ring_sched_init(pccl__ring_op *o, const pccl__coll_vtable *vt, int rs,
+                                  const pccl__ring_geom *g, const void *src, void *dst,
+                                  void *own_out, size_t count, pccl_dtype dtype, pccl_op op,
+                                  pccl_quant quant, uint64_t tag, uint32_t seq,
+                                  uint8_t *backup_buf, uint8_t *q_buf);
+
+/* The reduce-scatter's entry: the same functions as the all-reduce's
+ * (they follow nsteps, shift and own_out), under its own name. */
+extern const pccl__coll_vtable pccl__reducescatter_ring_vt;
 
 /* What the vtable's functions do for the all-reduce:
  *

@@ -523,6 +523,9 @@ handle_requests(pccl_comm *comm)
     if (comm->engine_fail != 0) {
         engine_break(comm, comm->engine_fail, NULL);
     }
+    /* An op that only sends (a broadcast's root) may be done once its
+     * frames are written: finish it now, not at the next socket event. */
+    complete_done_ops(comm);
     return 0;
 }
 

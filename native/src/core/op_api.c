@@ -266,3 +266,274 @@ pccl_comm_all_reduce(pccl_comm *comm, const void *src, void *dst, size_t count,
     pccl_op_free(h);
     return rv;
 }
+
+/* ------------------------------------------------------------------------
+ * Broadcast, all-gather, reduce-scatter, barrier: the same four steps as
+ * the all-reduce, each with its own algorithm (coll/broadcast_ring.c,
+ * coll/allgather_ring.c, coll/reducescatter_ring.c).
+ */
+#include "coll/allgather_ring.h"
+#include "coll/broadcast_ring.h"
+#include "coll/reducescatter_ring.h"
+
+/* Step 1's second half and step 2's allocation: the ring's geometry, and
+ * a handle with state_size + per_rank * world bytes of algorithm state. */
+static pccl_result
+new_handle(pccl_comm *comm, size_t state_size, size_t per_rank, pccl__ring_geom *g,
+           pccl_op_handle **hp)
+{
+    pccl_op_handle *h;
+    uint64_t gen;
+    pccl_result rv;
+
+    pccl__mutex_lock(&comm->mtx);
+    rv = pccl__op_ring_locked(comm, g, &gen);
+    pccl__mutex_unlock(&comm->mtx);
+    if (rv != 0) {
+        return rv;
+    }
+    if ((h = pccl__op_new(comm, state_size + per_rank * g->world)) == NULL) {
+        return PCCL_ENOMEM;
+    }
+    h->ring_gen = gen;
+    *hp = h;
+    return PCCL_OK;
+}
+
+static int
+ranges_overlap(const void *a, size_t alen, const void *b, size_t blen)
+{
+    uintptr_t x = (uintptr_t)a, y = (uintptr_t)b;
+
+    return alen > 0 && blen > 0 && x < y + blen && y < x + alen;
+}
+
+/* Wait for h, break the ring on a timeout, free h (the blocking forms). */
+static pccl_result
+wait_and_free(pccl_op_handle *h, int32_t timeout_ms, pccl_reduce_info *info)
+{
+    pccl_result rv = pccl_op_wait(h, timeout_ms, info);
+
+    if (rv == PCCL_ETIMEDOUT && !__atomic_load_n(&h->finished, __ATOMIC_ACQUIRE)) {
+        break_for(h, PCCL_ETIMEDOUT);
+        rv = pccl_op_wait(h, 0, info);
+    }
+    pccl_op_free(h);
+    return rv;
+}
+
+static pccl_result
+start_broadcast(pccl_comm *comm, void *buf, size_t count, pccl_dtype dtype, uint32_t root,
+                uint64_t tag, int wake, pccl_op_handle **out)
+{
+    pccl_op_handle *h;
+    pccl__ring_geom g;
+    size_t esize;
+    pccl_result rv;
+
+    if (comm == NULL || out == NULL || (unsigned)dtype >= PCCL_DTYPE_COUNT) {
+        return PCCL_EINVAL;
+    }
+    (void)pccl_dtype_size(dtype, &esize);
+    if (count > SIZE_MAX / esize || (count > 0 && buf == NULL)) {
+        return PCCL_EINVAL;
+    }
+    if ((rv = new_handle(comm, sizeof(pccl__bcast_op), 0, &g, &h)) != 0) {
+        return rv;
+    }
+    if (root >= g.world) {
+        discard(comm, h, 0);
+        return PCCL_EINVAL;
+    }
+    if ((rv = pccl__bcast_op_init((pccl__bcast_op *)(void *)h->op, &g, buf, count, dtype, root,
+                                  tag, 0)) != 0) {
+        discard(comm, h, 0);
+        return rv;
+    }
+    return submit(comm, h, wake, out);
+}
+
+pccl_result
+pccl_comm_broadcast_start(pccl_comm *comm, void *buf, size_t count, pccl_dtype dtype,
+                          uint32_t root, uint64_t tag, pccl_op_handle **out)
+{
+    return start_broadcast(comm, buf, count, dtype, root, tag, 1, out);
+}
+
+pccl_result
+pccl_comm_broadcast(pccl_comm *comm, void *buf, size_t count, pccl_dtype dtype, uint32_t root,
+                    uint64_t tag, int32_t timeout_ms, pccl_reduce_info *info)
+{
+    pccl_op_handle *h;
+    pccl_result rv;
+
+    if ((rv = start_broadcast(comm, buf, count, dtype, root, tag, 0, &h)) != 0) {
+        return rv;
+    }
+    return wait_and_free(h, timeout_ms, info);
+}
+
+static pccl_result
+start_all_gather(pccl_comm *comm, const void *src, void *dst, size_t count, pccl_dtype dtype,
+                 uint64_t tag, int wake, pccl_op_handle **out)
+{
+    pccl_op_handle *h;
+    pccl__ring_geom g;
+    size_t esize, n;
+    pccl_result rv;
+
+    if (comm == NULL || out == NULL || (unsigned)dtype >= PCCL_DTYPE_COUNT) {
+        return PCCL_EINVAL;
+    }
+    (void)pccl_dtype_size(dtype, &esize);
+    if (count > SIZE_MAX / esize ||
+        (count > 0 && (src == NULL || dst == NULL))) {
+        return PCCL_EINVAL;
+    }
+    if ((rv = new_handle(comm, sizeof(pccl__ag_op), 0, &g, &h)) != 0) {
+        return rv;
+    }
+    n = count * esize;
+    if (count > SIZE_MAX / esize / g.world ||
+        (ranges_overlap(src, n, dst, n * g.world) &&
+         (const uint8_t *)src != (const uint8_t *)dst + (size_t)g.rank * n)) {
+        discard(comm, h, 0);
+        return PCCL_EINVAL;
+    }
+    if ((rv = pccl__ag_op_init((pccl__ag_op *)(void *)h->op, &g, src, dst, count, dtype, tag,
+                               0)) != 0) {
+        discard(comm, h, 0);
+        return rv;
+    }
+    return submit(comm, h, wake, out);
+}
+
+pccl_result
+pccl_comm_all_gather_start(pccl_comm *comm, const void *src, void *dst, size_t count,
+                           pccl_dtype dtype, uint64_t tag, pccl_op_handle **out)
+{
+    return start_all_gather(comm, src, dst, count, dtype, tag, 1, out);
+}
+
+pccl_result
+pccl_comm_all_gather(pccl_comm *comm, const void *src, void *dst, size_t count,
+                     pccl_dtype dtype, uint64_t tag, int32_t timeout_ms, pccl_reduce_info *info)
+{
+    pccl_op_handle *h;
+    pccl_result rv;
+
+    if ((rv = start_all_gather(comm, src, dst, count, dtype, tag, 0, &h)) != 0) {
+        return rv;
+    }
+    return wait_and_free(h, timeout_ms, info);
+}
+
+static pccl_result
+start_reduce_scatter(pccl_comm *comm, const void *src, void *dst, size_t count,
+                     pccl_dtype dtype, pccl_op op, pccl_quant quant, uint64_t tag, int wake,
+                     pccl_op_handle **out)
+{
+    pccl_op_handle *h;
+    pccl__ring_geom g;
+    size_t esize, wb, qb;
+    pccl_result rv;
+
+    if (comm == NULL || out == NULL || (unsigned)dtype >= PCCL_DTYPE_COUNT ||
+        (unsigned)op >= PCCL_OP_COUNT || (unsigned)quant >= PCCL_QUANT_COUNT) {
+        return PCCL_EINVAL;
+    }
+    (void)pccl_dtype_size(dtype, &esize);
+    if (quant != PCCL_QUANT_NONE && !pccl__dtype_is_float(dtype)) {
+        return PCCL_EINVAL;
+    }
+    if (count > SIZE_MAX / esize || (count > 0 && (src == NULL || dst == NULL))) {
+        return PCCL_EINVAL;
+    }
+    if ((rv = new_handle(comm, sizeof(pccl__ring_op), 0, &g, &h)) != 0) {
+        return rv;
+    }
+    if (count % g.world != 0 ||
+        ranges_overlap(src, count * esize, dst, count / g.world * esize)) {
+        discard(comm, h, 0);
+        return PCCL_EINVAL;
+    }
+    pccl__rs_op_buffers(&g, count, dtype, quant, &wb, &qb);
+    if ((rv = take_buf(comm, h, 0, wb)) != 0 || (rv = take_buf(comm, h, 1, qb)) != 0) {
+        discard(comm, h, 0);
+        return rv;
+    }
+    if ((rv = pccl__rs_op_init((pccl__ring_op *)(void *)h->op, &g, src, dst, count, dtype, op,
+                               quant, tag, 0, h->buf[0], h->buf[1])) != 0) {
+        discard(comm, h, 0);
+        return rv;
+    }
+    return submit(comm, h, wake, out);
+}
+
+pccl_result
+pccl_comm_reduce_scatter_start(pccl_comm *comm, const void *src, void *dst, size_t count,
+                               pccl_dtype dtype, pccl_op op, pccl_quant quant, uint64_t tag,
+                               pccl_op_handle **out)
+{
+    return start_reduce_scatter(comm, src, dst, count, dtype, op, quant, tag, 1, out);
+}
+
+pccl_result
+pccl_comm_reduce_scatter(pccl_comm *comm, const void *src, void *dst, size_t count,
+                         pccl_dtype dtype, pccl_op op, pccl_quant quant, uint64_t tag,
+                         int32_t timeout_ms, pccl_reduce_info *info)
+{
+    pccl_op_handle *h;
+    pccl_result rv;
+
+    if ((rv = start_reduce_scatter(comm, src, dst, count, dtype, op, quant, tag, 0, &h)) != 0) {
+        return rv;
+    }
+    return wait_and_free(h, timeout_ms, info);
+}
+
+/* The barrier's state: an all-gather of one byte per rank into out. */
+typedef struct barrier_state {
+    pccl__ag_op ag; /* first */
+    uint8_t out[];
+} barrier_state;
+
+static pccl_result
+start_barrier(pccl_comm *comm, uint64_t tag, int wake, pccl_op_handle **out)
+{
+    pccl_op_handle *h;
+    pccl__ring_geom g;
+    barrier_state *b;
+    pccl_result rv;
+
+    if (comm == NULL || out == NULL) {
+        return PCCL_EINVAL;
+    }
+    if ((rv = new_handle(comm, sizeof(barrier_state), 1, &g, &h)) != 0) {
+        return rv;
+    }
+    b = (barrier_state *)(void *)h->op;
+    if ((rv = pccl__barrier_op_init(&b->ag, &g, b->out, tag, 0)) != 0) {
+        discard(comm, h, 0);
+        return rv;
+    }
+    return submit(comm, h, wake, out);
+}
+
+pccl_result
+pccl_comm_barrier_start(pccl_comm *comm, uint64_t tag, pccl_op_handle **out)
+{
+    return start_barrier(comm, tag, 1, out);
+}
+
+pccl_result
+pccl_comm_barrier(pccl_comm *comm, uint64_t tag, int32_t timeout_ms, pccl_reduce_info *info)
+{
+    pccl_op_handle *h;
+    pccl_result rv;
+
+    if ((rv = start_barrier(comm, tag, 0, &h)) != 0) {
+        return rv;
+    }
+    return wait_and_free(h, timeout_ms, info);
+}
