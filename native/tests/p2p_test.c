@@ -69,8 +69,8 @@ one(peer *a, peer *b, size_t n, uint64_t tag)
     CHECK(copy != NULL && dst != NULL);
     memcpy(copy, src, n);
     memset(dst, 0xee, n);
-    T_RV(pccl_comm_recv_start(b->c, a->id, dst, n, tag, 30000, &hr), 0);
-    T_RV(pccl_comm_send_start(a->c, b->id, b->addr, src, n, tag, 30000, &hs), 0);
+    T_RV(pccl_comm_recv_start(b->c, a->id, dst, n, tag, 5000, &hr), 0);
+    T_RV(pccl_comm_send_start(a->c, b->id, b->addr, src, n, tag, 5000, &hs), 0);
     T_RV(pccl_p2p_wait(hs, 60000, &bytes), 0);
     T(bytes == n);
     T_RV(pccl_p2p_wait(hr, 60000, NULL), 0);

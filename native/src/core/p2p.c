@@ -66,7 +66,7 @@ struct p2p_peer {
     uint32_t id;
     int lost;                /* reported lost: ops fail with EPEERLOST */
     int dialing;             /* a dial thread runs for it */
-    uint64_t dial_gen;       /* bumped at reset: a dial of an older generation is stale */
+    uint64_t dial_gen;       /* bumped at reset: dials and accepts of an older one are stale */
     char addr[PCCL_ADDRSTRLEN];
     uint32_t nout;           /* 0 or K */
     p2p_conn *out[PCCL_MAX_CONNECTIONS];
@@ -926,6 +926,7 @@ pccl__p2p_on_hello(pccl_comm *comm, int fd, const pccl__hs_server *st)
     const pccl__hs_client_hello *h = &st->hello;
     uint16_t status = 0;
     p2p_peer *pe = NULL;
+    uint64_t gen = 0;
     pccl_result rv;
 
     pccl__mutex_lock(&p->mtx);
@@ -943,6 +944,8 @@ pccl__p2p_on_hello(pccl_comm *comm, int fd, const pccl__hs_server *st)
         status = PCCL_EPEERLOST;
     } else if (pe->in[h->conn_index] != NULL) {
         status = PCCL_EBUSY;
+    } else {
+        gen = pe->dial_gen;
     }
     pccl__mutex_unlock(&p->mtx);
     rv = pccl__link_server_ack(fd, st, status, comm->secret, comm->secret_len,
@@ -952,7 +955,9 @@ pccl__p2p_on_hello(pccl_comm *comm, int fd, const pccl__hs_server *st)
         return;
     }
     pccl__mutex_lock(&p->mtx);
-    if (p->closing || pe->lost || pe->in[h->conn_index] != NULL) {
+    if (p->closing || pe->lost || pe->in[h->conn_index] != NULL || pe->dial_gen != gen) {
+        /* the pair was reset while we answered: this connection belongs
+         * to the set that broke (its sender has reset or will) */
         pccl__sock_close(fd);
     } else {
         pe->in[h->conn_index] = conn_new(p, pe, fd, h->conn_index, 0);
