@@ -220,7 +220,8 @@ pccl_result pccl_comm_fetch(pccl_comm *comm, const char *addr, uint64_t key, uin
  * and, for a sender, the "host:port" it listens on.  The n-th send with a
  * tag from A to B meets the n-th recv with that tag on B from A.  Frames
  * travel on K connections the sender opens on first use (HMAC handshake).
- * Every handle must be freed (pccl_p2p_free) before pccl_comm_free. */
+ * A handle keeps the comm's memory alive: pccl_comm_free closes the comm
+ * (failing running ops with PCCL_ECLOSED) and the last pccl_p2p_free frees it. */
 typedef struct pccl_p2p_handle pccl_p2p_handle;
 
 /* pccl_comm_set_peer_id names this peer for point-to-point: run_token
@@ -242,8 +243,8 @@ pccl_result pccl_comm_send_start(pccl_comm *comm, uint32_t peer_id, const char *
 
 /* pccl_comm_recv_start posts a receive of exactly len bytes from peer_id
  * under tag into buf (written in place, by offset, as slices arrive) and
- * writes a handle the caller owns.  A message of another size is
- * PCCL_EPROTO.  buf is unspecified after a failure.  Same deadlines and
+ * writes a handle the caller owns.  A message of another size fails
+ * both ends with PCCL_EINVAL (the receiver nacks it).  buf is unspecified after a failure.  Same deadlines and
  * failures as send.  Does not block; thread-safe. */
 pccl_result pccl_comm_recv_start(pccl_comm *comm, uint32_t peer_id, void *buf, size_t len,
                                  uint64_t tag, int32_t timeout_ms, pccl_p2p_handle **out);

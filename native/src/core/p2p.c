@@ -568,7 +568,11 @@ match_data(pccl__p2p *p, p2p_conn *pc, int *park)
         *park = 1;
         return PCCL_OK;
     }
-    if (fh->total != h->len || fh->offset % slice != 0 || fh->offset > h->len) {
+    if (fh->total != h->len) {
+        finish(p, h, PCCL_EINVAL); /* sizes differ: both ends learn it (nack) */
+        return PCCL_EINVAL;
+    }
+    if (fh->offset % slice != 0 || fh->offset > h->len) {
         finish(p, h, PCCL_EPROTO); /* this recv sees the cause; the reset fails the rest */
         return PCCL_EPROTO;
     }
@@ -612,6 +616,35 @@ data_done(pccl__p2p *p, p2p_conn *pc, pccl_p2p_handle *h)
     mark_dirty(p, pe->in[0]);
 }
 
+/* A message whose size is not the recv buffer's: tell the sender with an
+ * ack carrying PCCL_EINVAL in `step`, written at once on connection 0 when
+ * nothing else is queued there (best effort: the reset that follows
+ * closes the connections, and the sender then fails with EPEERLOST). */
+static void
+nack_size(pccl__p2p *p, p2p_peer *pe, const pccl__frame_header *data)
+{
+    pccl__frame_header fh;
+    uint8_t hdr[PCCL__FRAME_HEADER_SIZE];
+    pccl__iov iov;
+    size_t put = 0;
+
+    if (pe->in[0] == NULL || pe->in[0]->c.sq_head != NULL) {
+        return;
+    }
+    memset(&fh, 0, sizeof(fh));
+    fh.kind = PCCL__FRAME_P2P_ACK;
+    fh.epoch = p->token;
+    fh.tag = data->tag;
+    fh.seq = data->seq;
+    fh.step = PCCL_EINVAL;
+    fh.dtype = PCCL_UINT8;
+    fh.total = data->total;
+    pccl__frame_encode(&fh, hdr);
+    iov.base = hdr;
+    iov.len = sizeof(hdr);
+    (void)pccl__sock_writev(pe->in[0]->c.fd, &iov, 1, &put);
+}
+
 /* Read what pc has; errors reset its peer.  mtx held. */
 static void
 rx(pccl__p2p *p, p2p_conn *pc)
@@ -635,10 +668,14 @@ rx(pccl__p2p *p, p2p_conn *pc)
                 const pccl__frame_header *fh = &pc->c.rh;
                 pccl_p2p_handle *h = NULL;
                 if (fh->kind == PCCL__FRAME_P2P_ACK && fh->epoch == p->token &&
-                    fh->step == 0) {
+                    (fh->step == 0 || fh->step == PCCL_EINVAL)) {
                     h = find_op(p, pe->id, 1, fh->tag, fh->seq);
                 }
                 pc->c.rhdr_got = 0;
+                if (h != NULL && fh->step == PCCL_EINVAL && fh->total == h->len) {
+                    reset_peer(p, pe, h, PCCL_EINVAL); /* the receiver's buffer differs */
+                    return;
+                }
                 if (h == NULL || h->nsent != h->nslices || fh->total != h->len) {
                     reset_peer(p, pe, h, PCCL_EPROTO);
                     return;
@@ -647,6 +684,10 @@ rx(pccl__p2p *p, p2p_conn *pc)
                 continue;
             }
             if ((rv = match_data(p, pc, &park)) != 0) {
+                if (rv == PCCL_EINVAL) {
+                    nack_size(p, pe, &pc->c.rh);
+                    rv = PCCL_EPEERLOST;
+                }
                 reset_peer(p, pe, NULL, rv);
                 return;
             }
@@ -1092,6 +1133,9 @@ start(pccl_comm *comm, int is_send, uint32_t peer, const char *addr, void *buf, 
         free(h);
         return rv;
     }
+    pccl__mutex_lock(&comm->mtx);
+    comm->nhandles++; /* the comm's memory waits for this handle (pccl_comm_free) */
+    pccl__mutex_unlock(&comm->mtx);
     pccl__event_signal(&p->wake);
     *out = h;
     return PCCL_OK;
@@ -1142,12 +1186,15 @@ pccl_result
 pccl_p2p_free(pccl_p2p_handle *h)
 {
     pccl__p2p *p;
+    pccl_comm *comm;
     p2p_peer *pe;
+    int destroy;
 
     if (h == NULL) {
         return PCCL_EINVAL;
     }
     p = h->p;
+    comm = p->comm;
     pccl__mutex_lock(&p->mtx);
     if (!h->done) {
         /* still running: its frames may be queued; reset the pair */
@@ -1161,5 +1208,12 @@ pccl_p2p_free(pccl_p2p_handle *h)
     free(h->frames);
     free(h->next_slice);
     free(h);
+    pccl__mutex_lock(&comm->mtx);
+    comm->nhandles--;
+    destroy = comm->freed && comm->nhandles == 0;
+    pccl__mutex_unlock(&comm->mtx);
+    if (destroy) {
+        pccl__comm_destroy(comm);
+    }
     return PCCL_OK;
 }
