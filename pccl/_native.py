@@ -572,6 +572,11 @@ class NativeComm:
         if not self._closed:
             check(lib.pccl_comm_abort(self._comm), "abort")
 
+    def abort_ring(self) -> None:
+        """:meth:`abort` for the ring alone: point-to-point transfers go on."""
+        if not self._closed:
+            check(lib.pccl_comm_abort_ring(self._comm), "abort ring")
+
     def close(self) -> None:
         """Close every connection and stop the I/O thread.  Idempotent."""
         if not self._closed:

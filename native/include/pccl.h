@@ -226,8 +226,9 @@ typedef struct pccl_p2p_handle pccl_p2p_handle;
 
 /* pccl_comm_set_peer_id names this peer for point-to-point: run_token
  * (the same on every peer of the run) and its peer number (not
- * UINT32_MAX).  Needed before any send/recv or inbound p2p connection; may
- * be set again only to the same values (PCCL_ESTATE).  Thread-safe. */
+ * UINT32_MAX).  Needed before any send/recv or inbound p2p connection.
+ * Setting other values (a rejoin) fails every p2p op with PCCL_EPEERLOST
+ * and forgets lost peers.  Thread-safe. */
 pccl_result pccl_comm_set_peer_id(pccl_comm *comm, uint64_t run_token, uint32_t peer_id);
 
 /* pccl_comm_send_start sends len bytes at buf to peer_id, listening at
@@ -264,9 +265,14 @@ pccl_result pccl_p2p_free(pccl_p2p_handle *h);
 pccl_result pccl_comm_peer_lost(pccl_comm *comm, uint32_t peer_id);
 /* ---- end of point-to-point ------------------------------------------------ */
 
-/* pccl_comm_abort fails every op in flight and any pccl_comm_set_ring in
- * progress with PCCL_EABORTED and breaks the ring (set_ring again to go
- * on).  Never blocks; any thread, also while other calls block. */
+/* pccl_comm_abort_ring is pccl_comm_abort for the ring alone: ring ops and
+ * set_ring fail with PCCL_EABORTED, point-to-point ops go on.  Never
+ * blocks; any thread. */
+pccl_result pccl_comm_abort_ring(pccl_comm *comm);
+
+/* pccl_comm_abort fails every op in flight (point-to-point too) and any
+ * pccl_comm_set_ring in progress with PCCL_EABORTED and breaks the ring
+ * (set_ring again to go on).  Never blocks; any thread, also while other calls block. */
 pccl_result pccl_comm_abort(pccl_comm *comm);
 
 /* pccl_comm_close stops the I/O thread and closes every socket; blocked

@@ -251,7 +251,9 @@ test_args(void)
     T_RV(pccl_comm_send_start(a.c, 1, a.addr, buf, 4, 0, 100, &h), PCCL_EINVAL); /* self */
     T_RV(pccl_comm_send_start(a.c, 2, NULL, buf, 4, 0, 100, &h), PCCL_EINVAL);
     T_RV(pccl_comm_recv_start(a.c, 2, NULL, 4, 0, 100, &h), PCCL_EINVAL);
-    T_RV(pccl_comm_set_peer_id(a.c, 77, 3), PCCL_ESTATE);
+    T_RV(pccl_comm_set_peer_id(a.c, 77, 3), 0); /* a new identity */
+    T_RV(pccl_comm_set_peer_id(a.c, 77, UINT32_MAX), PCCL_EINVAL);
+    T_RV(pccl_comm_send_start(a.c, 3, a.addr, buf, 4, 0, 100, &h), PCCL_EINVAL); /* self */
     T_RV(pccl_comm_set_peer_id(a.c, 77, 1), 0);
     CHECK_OK(pccl_comm_config_init(&cfg));
     cfg.listen_addr = "127.0.0.1:0";

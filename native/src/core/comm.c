@@ -151,6 +151,17 @@ pccl_comm_listen_address(pccl_comm *comm, char *buf, size_t len)
 pccl_result
 pccl_comm_abort(pccl_comm *comm)
 {
+    pccl_result rv = pccl_comm_abort_ring(comm);
+
+    if (rv == 0) {
+        pccl__p2p_abort(comm); /* point-to-point ops too */
+    }
+    return rv;
+}
+
+pccl_result
+pccl_comm_abort_ring(pccl_comm *comm)
+{
     if (comm == NULL) {
         return PCCL_EINVAL;
     }
@@ -165,7 +176,6 @@ pccl_comm_abort(pccl_comm *comm)
         pccl__cond_broadcast(&comm->cv);
     }
     pccl__mutex_unlock(&comm->mtx);
-    pccl__p2p_abort(comm); /* point-to-point ops too */
     return PCCL_OK;
 }
 

@@ -1020,8 +1020,12 @@ pccl_comm_set_peer_id(pccl_comm *comm, uint64_t run_token, uint32_t peer_id)
     p = comm->p2p;
     pccl__mutex_lock(&p->mtx);
     if (p->has_identity && (p->token != run_token || p->self != peer_id)) {
-        pccl__mutex_unlock(&p->mtx);
-        return PCCL_ESTATE;
+        /* a new identity (rejoined the run): the old pairs are over */
+        p2p_peer *pe;
+        for (pe = p->peers; pe != NULL; pe = pe->next) {
+            reset_peer(p, pe, NULL, PCCL_EPEERLOST);
+            pe->lost = 0;
+        }
     }
     p->token = run_token;
     p->self = peer_id;
