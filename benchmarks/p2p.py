@@ -147,8 +147,8 @@ def main() -> None:
         for n in sizes:
             src = np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8)
             dst = np.empty_like(src)
-            fns = [lambda: raw.one(src, dst)]
-            fns += [lambda k=k: pairs[k].one(src, dst) for k in ks]
+            fns = [lambda s=src, d=dst: raw.one(s, d)]
+            fns += [lambda k=k, s=src, d=dst: pairs[k].one(s, d) for k in ks]
             times = interleaved(fns, args.min_samples, args.min_seconds)
             assert np.array_equal(src, dst), "a transfer delivered other bytes"
             raw_t = times[0]

@@ -88,9 +88,9 @@ def test_big_and_many_small_between_non_neighbours(world):
     order = [p0, p1, p2, p3]
     for p in order:
         p.send("p2p", ops=ops[p], timeout=60)
-    replies = dict(zip(order, gather(order, 120, what="p2p")))
+    replies = dict(zip(order, gather(order, 120, what="p2p"), strict=True))
     for p in order:
-        for op, res in zip(ops[p], replies[p]["results"]):
+        for op, res in zip(ops[p], replies[p]["results"], strict=True):
             assert res["ok"], (p.label, op, res)
             if op["op"] == "recv":
                 assert res["hash"] == digest(p2p_payload(op["seed"], op["n"])), (p.label, op)
