@@ -626,7 +626,9 @@ nack_size(pccl__p2p *p, p2p_peer *pe, const pccl__frame_header *data)
     pccl__frame_header fh;
     uint8_t hdr[PCCL__FRAME_HEADER_SIZE];
     pccl__iov iov;
-    size_t put = 0;
+    size_t put = 0, budget = (size_t)64 << 20;
+    uint8_t sink[16384];
+    uint32_t k;
 
     if (pe->in[0] == NULL || pe->in[0]->c.sq_head != NULL) {
         return;
@@ -643,6 +645,15 @@ nack_size(pccl__p2p *p, p2p_peer *pe, const pccl__frame_header *data)
     iov.base = hdr;
     iov.len = sizeof(hdr);
     (void)pccl__sock_writev(pe->in[0]->c.fd, &iov, 1, &put);
+    /* Read away what already arrived: a socket closed with unread bytes
+     * sends a reset, which may overtake the nack at the sender. */
+    for (k = 0; k < PCCL_MAX_CONNECTIONS && budget > 0; k++) {
+        size_t got;
+        while (pe->in[k] != NULL && budget > 0 &&
+               pccl__sock_read(pe->in[k]->c.fd, sink, sizeof(sink), &got) == 0 && got > 0) {
+            budget = got < budget ? budget - got : 0;
+        }
+    }
 }
 
 /* Read what pc has; errors reset its peer.  mtx held. */
