@@ -291,6 +291,37 @@ test_refused(void)
     pccl_comm_free(d.c);
 }
 
+/* A receiver that learns its identity after the sender started dialling:
+ * the dial retries (ESTATE is transient) and the send goes through. */
+static void
+test_late_identity(void)
+{
+    peer a, b;
+    pccl_comm_config cfg;
+    uint8_t src[5000], dst[5000];
+    pccl_p2p_handle *hs, *hr;
+
+    make_peer(&a, 1, 2, NULL);
+    CHECK_OK(pccl_comm_config_init(&cfg));
+    cfg.listen_addr = "127.0.0.1:0";
+    cfg.p2p_connections = 2;
+    cfg.handshake_timeout_ms = 2000;
+    CHECK_OK(pccl_comm_create(&cfg, &b.c));
+    CHECK_OK(pccl_comm_listen_address(b.c, b.addr, sizeof(b.addr)));
+    memset(src, 7, sizeof(src));
+    T_RV(pccl_comm_send_start(a.c, 2, b.addr, src, sizeof(src), 0, 10000, &hs), 0);
+    T_RV(pccl_p2p_wait(hs, 100, NULL), PCCL_ETIMEDOUT); /* refused so far: retrying */
+    T_RV(pccl_comm_set_peer_id(b.c, 77, 2), 0);
+    T_RV(pccl_comm_recv_start(b.c, 1, dst, sizeof(dst), 0, 10000, &hr), 0);
+    T_RV(pccl_p2p_wait(hs, 10000, NULL), 0);
+    T_RV(pccl_p2p_wait(hr, 10000, NULL), 0);
+    T(memcmp(src, dst, sizeof(src)) == 0);
+    pccl_p2p_free(hs);
+    pccl_p2p_free(hr);
+    pccl_comm_free(a.c);
+    pccl_comm_free(b.c);
+}
+
 /* A raw authenticated client sends malformed frames: the recv fails with
  * EPROTO and its buffer beyond the schedule is untouched. */
 static int
@@ -409,6 +440,7 @@ main(void)
     test_deadline();
     test_abort();
     test_refused();
+    test_late_identity();
     for (v = 0; v < 5; v++) {
         bad_frame(v);
     }

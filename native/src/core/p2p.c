@@ -46,6 +46,10 @@
 #include "core/comm.h"
 #include "core/p2p.h"
 
+enum {
+    DIAL_RETRY_MS = 20 /* pause between attempts to reach a receiver */
+};
+
 typedef struct p2p_tagseq {
     struct p2p_tagseq *next;
     uint64_t tag;
@@ -360,10 +364,34 @@ dial_main(void *arg)
     }
     for (k = 0; k < K && rv == 0; k++) {
         j->hello.conn_index = k;
-        rv = pccl__sock_connect(&j->addr, NULL, deadline, p->stop.fd, &fds[k]);
-        if (rv == 0) {
-            rv = pccl__link_client_handshake(fds[k], &j->hello, comm->secret, comm->secret_len,
-                                             deadline, p->stop.fd);
+        for (;;) {
+            rv = pccl__sock_connect(&j->addr, NULL, deadline, p->stop.fd, &fds[k]);
+            if (rv == 0) {
+                rv = pccl__link_client_handshake(fds[k], &j->hello, comm->secret,
+                                                 comm->secret_len, deadline, p->stop.fd);
+            }
+            if (rv == 0) {
+                break;
+            }
+            pccl__sock_close(fds[k]);
+            fds[k] = -1;
+            /* Retry what can be transient until the deadline: nobody
+             * listening yet, the receiver has not learnt its identity yet
+             * (ESTATE), still holds the connections of a pair it has not
+             * seen break (EBUSY), or reset us mid-handshake. */
+            if ((rv != PCCL_ECONNREFUSED && rv != PCCL_ESTATE && rv != PCCL_EBUSY &&
+                 rv != PCCL_EPEERLOST) ||
+                pccl__clock_ns() >= deadline) {
+                break;
+            }
+            {
+                uint64_t pause = pccl__deadline_ms(DIAL_RETRY_MS);
+                if (pccl__sock_wait(p->stop.fd, 0, pause < deadline ? pause : deadline, -1) ==
+                    PCCL_OK) {
+                    rv = PCCL_ECLOSED;
+                    break;
+                }
+            }
         }
     }
     pccl__hs_thread_done();
