@@ -9,7 +9,8 @@
  *   op.c          op bookkeeping and the seq table (op.h)
  *   bufcache.c    big buffers kept between ops (bufcache.h)
  *   xfer.c        shared-state transfers
- *   p2p.c         point-to-point send/recv (p2p.h)
+ *   p2p.c         point-to-point send/recv: its I/O thread, pairs, ops (p2p.h)
+ *   p2p_api.c     the public p2p calls that start and free ops
  *
  * Calls go one way: comm/ring_setup/op_api -> engine -> op; none of
  * engine, op, bufcache calls back up (tools/include_graph.py checks the

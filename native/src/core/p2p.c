@@ -1176,16 +1176,13 @@ start(pccl_comm *comm, int is_send, uint32_t peer, const char *addr, void *buf, 
         free(h);
         return rv;
     }
-    pccl__mutex_lock(&comm->mtx);
-    comm->nhandles++; /* the comm's memory waits for this handle (pccl_comm_free) */
-    pccl__mutex_unlock(&comm->mtx);
     pccl__event_signal(&p->wake);
     *out = h;
     return PCCL_OK;
 }
 
 pccl_result
-pccl_comm_send_start(pccl_comm *comm, uint32_t peer_id, const char *peer_addr, const void *buf,
+pccl__p2p_send_start(pccl_comm *comm, uint32_t peer_id, const char *peer_addr, const void *buf,
                      size_t len, uint64_t tag, int32_t timeout_ms, pccl_p2p_handle **out)
 {
     /* the buffer is only ever read */
@@ -1193,7 +1190,7 @@ pccl_comm_send_start(pccl_comm *comm, uint32_t peer_id, const char *peer_addr, c
 }
 
 pccl_result
-pccl_comm_recv_start(pccl_comm *comm, uint32_t peer_id, void *buf, size_t len, uint64_t tag,
+pccl__p2p_recv_start(pccl_comm *comm, uint32_t peer_id, void *buf, size_t len, uint64_t tag,
                      int32_t timeout_ms, pccl_p2p_handle **out)
 {
     return start(comm, 0, peer_id, NULL, buf, len, tag, timeout_ms, out);
@@ -1225,19 +1222,13 @@ pccl_p2p_wait(pccl_p2p_handle *h, int32_t timeout_ms, uint64_t *bytes)
     return rv;
 }
 
-pccl_result
-pccl_p2p_free(pccl_p2p_handle *h)
+pccl_comm *
+pccl__p2p_release(pccl_p2p_handle *h)
 {
-    pccl__p2p *p;
-    pccl_comm *comm;
+    pccl__p2p *p = h->p;
+    pccl_comm *comm = p->comm;
     p2p_peer *pe;
-    int destroy;
 
-    if (h == NULL) {
-        return PCCL_EINVAL;
-    }
-    p = h->p;
-    comm = p->comm;
     pccl__mutex_lock(&p->mtx);
     if (!h->done) {
         /* still running: its frames may be queued; reset the pair */
@@ -1251,12 +1242,5 @@ pccl_p2p_free(pccl_p2p_handle *h)
     free(h->frames);
     free(h->next_slice);
     free(h);
-    pccl__mutex_lock(&comm->mtx);
-    comm->nhandles--;
-    destroy = comm->freed && comm->nhandles == 0;
-    pccl__mutex_unlock(&comm->mtx);
-    if (destroy) {
-        pccl__comm_destroy(comm);
-    }
-    return PCCL_OK;
+    return comm;
 }

@@ -1,7 +1,8 @@
 /*
  * p2p.h - point-to-point send/recv (p2p.c): the hooks the lifecycle
- * (comm.c) and the accept thread (ring_setup.c) call.  The public calls
- * are in pccl.h (pccl_comm_send_start, pccl_comm_recv_start, ...).
+ * (comm.c) and the accept thread (ring_setup.c) call, and the op calls
+ * behind the public ones of p2p_api.c (which also keeps the comm's memory
+ * alive for each handle, as op_api.c does for collectives).
  */
 #ifndef PCCL_CORE_P2P_H
 #define PCCL_CORE_P2P_H
@@ -23,5 +24,16 @@ void pccl__p2p_abort(pccl_comm *comm);
 /* pccl__p2p_on_hello takes an authenticated PURPOSE_P2P connection
  * (accepts it as one of the K from its sender, or refuses it).  Takes fd. */
 void pccl__p2p_on_hello(pccl_comm *comm, int fd, const pccl__hs_server *st);
+
+/* pccl__p2p_send_start / recv_start: pccl_comm_send_start /
+ * pccl_comm_recv_start without the handle count. */
+pccl_result pccl__p2p_send_start(pccl_comm *comm, uint32_t peer_id, const char *peer_addr,
+                                 const void *buf, size_t len, uint64_t tag, int32_t timeout_ms,
+                                 pccl_p2p_handle **out);
+pccl_result pccl__p2p_recv_start(pccl_comm *comm, uint32_t peer_id, void *buf, size_t len,
+                                 uint64_t tag, int32_t timeout_ms, pccl_p2p_handle **out);
+/* pccl__p2p_release aborts h if it is running (resetting its pair), frees
+ * it, and returns its communicator. */
+pccl_comm *pccl__p2p_release(pccl_p2p_handle *h);
 
 #endif
