@@ -223,6 +223,41 @@ test_abort(void)
     free(big);
 }
 
+/* The control plane reports the receiver lost while a send stalls in
+ * flow control: the send fails with EPEERLOST at once, later sends to it
+ * fail at start, and ops with a third peer go on. */
+static void
+test_peer_lost_in_flight(void)
+{
+    peer a, b, c;
+    size_t n = (size_t)64 << 20;
+    uint8_t *big = pattern(n, 3), *dst = malloc(n), small[64];
+    pccl_p2p_handle *hs, *hr, *hc, *hcr;
+
+    CHECK(dst != NULL);
+    make_peer(&a, 1, 4, NULL);
+    make_peer(&b, 2, 4, NULL);
+    make_peer(&c, 3, 4, NULL);
+    T_RV(pccl_comm_send_start(a.c, 2, b.addr, big, n, 0, -1, &hs), 0);
+    T_RV(pccl_comm_recv_start(c.c, 1, small, sizeof(small), 0, 10000, &hcr), 0);
+    T_RV(pccl_comm_send_start(a.c, 3, c.addr, big, sizeof(small), 0, 10000, &hc), 0);
+    T_RV(pccl_p2p_wait(hs, 200, NULL), PCCL_ETIMEDOUT); /* stalled: b posts nothing */
+    T_RV(pccl_comm_peer_lost(a.c, 2), 0);
+    T_RV(pccl_p2p_wait(hs, 5000, NULL), PCCL_EPEERLOST);
+    T_RV(pccl_p2p_wait(hc, 10000, NULL), 0); /* the other pair is untouched */
+    T_RV(pccl_p2p_wait(hcr, 10000, NULL), 0);
+    T(memcmp(small, big, sizeof(small)) == 0);
+    T_RV(pccl_comm_send_start(a.c, 2, b.addr, big, 1, 0, 1000, &hr), PCCL_EPEERLOST);
+    pccl_p2p_free(hs);
+    pccl_p2p_free(hc);
+    pccl_p2p_free(hcr);
+    pccl_comm_free(a.c);
+    pccl_comm_free(b.c);
+    pccl_comm_free(c.c);
+    free(big);
+    free(dst);
+}
+
 /* A deadline: a recv nobody sends to. */
 static void
 test_deadline(void)
@@ -439,6 +474,7 @@ main(void)
     test_size_mismatch();
     test_deadline();
     test_abort();
+    test_peer_lost_in_flight();
     test_refused();
     test_late_identity();
     for (v = 0; v < 5; v++) {
