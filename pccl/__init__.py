@@ -40,7 +40,7 @@ from .errors import (
 )
 from .master import MasterNode
 from .shared_state import SharedState, SyncInfo, SyncStrategy
-from .types import DType, Quantization, ReduceHandle, ReduceInfo, ReduceOp
+from .types import DType, PeerInfo, Quantization, ReduceHandle, ReduceInfo, ReduceOp
 
 try:
     __version__: str = _distribution_version("pccl")
@@ -66,6 +66,7 @@ __all__ = [
     "PcclError",
     "PcclOSError",
     "PcclTimeoutError",
+    "PeerInfo",
     "PeerLostError",
     "ProtocolError",
     "Quantization",

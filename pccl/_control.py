@@ -113,7 +113,8 @@ class Welcome:
 class MasterLink:
     """One authenticated connection to the master (see the module doc).
 
-    ``on_abort(epoch, reason)`` and ``on_lost(exc)`` run on the loop thread
+    ``on_abort(epoch, reason)``, ``on_lost(exc)`` and ``on_peer_lost(peer_id,
+    reason)`` (point-to-point: a peer left the run) run on the loop thread
     and must not block.
     """
 
@@ -121,9 +122,11 @@ class MasterLink:
         self,
         on_abort: Callable[[int, str], None],
         on_lost: Callable[[errors.PcclError], None],
+        on_peer_lost: Callable[[str, str], None] | None = None,
     ):
         self._on_abort = on_abort
         self._on_lost = on_lost
+        self._on_peer_lost = on_peer_lost
         self._sock: socket.socket | None = None
         self._send_lock = threading.Lock()
         self._lock = threading.Lock()  # guards the maps and the failure below
@@ -179,12 +182,14 @@ class MasterLink:
         p2p_connections: int,
         secret: bytes | None,
         timeout: float,
+        name: str | None = None,
     ) -> Welcome:
         """Authenticate (both ways when ``secret`` is set), then start the
         loop thread.  Raises AuthenticationError, MasterConnectionError or
         ProtocolError; the socket is closed on failure."""
         try:
-            welcome = self._handshake(peer_group, p2p_address, p2p_connections, secret, timeout)
+            welcome = self._handshake(peer_group, p2p_address, p2p_connections, secret, timeout,
+                                      name)
         except BaseException:
             self._close_socket()
             raise
@@ -206,7 +211,8 @@ class MasterLink:
         started.wait()
         return welcome
 
-    def _handshake(self, peer_group, p2p_address, p2p_connections, secret, timeout) -> Welcome:
+    def _handshake(self, peer_group, p2p_address, p2p_connections, secret, timeout,
+                   name=None) -> Welcome:
         deadline = time.monotonic() + timeout
         challenge = self._recv_one(deadline, "challenge")
         if challenge["type"] == "error":
@@ -235,6 +241,8 @@ class MasterLink:
             "p2p_address": p2p_address,
             "p2p_connections": p2p_connections,
         }
+        if name:
+            hello["name"] = name
         protocol.validate(hello, protocol.TO_MASTER)
         self._send_blocking(protocol.encode(hello), deadline)
         reply = self._recv_one(deadline, "welcome")
@@ -679,6 +687,12 @@ class MasterLink:
             self._resolve(("op", msg["epoch"], msg["tag"], msg["seq"]), msg)
         elif kind == "abort":
             self._call_abort(msg["epoch"], msg["reason"])
+        elif kind == "peer_lost":  # point-to-point (docs/p2p.md)
+            if self._on_peer_lost is not None:
+                try:
+                    self._on_peer_lost(msg["peer_id"], msg["reason"])
+                except Exception:
+                    log.exception("on_peer_lost callback failed")
         elif kind == "topology":
             req = msg["req"]
             self._resolve(("admit",) if req is None else ("req", req), msg)

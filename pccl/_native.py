@@ -239,6 +239,66 @@ class AllReduceHandle(ReduceHandle):
             pass
 
 
+class P2PHandle:
+    """A send or recv of the native core in flight; the buffer stays
+    referenced until ``wait`` returned or raised."""
+
+    __slots__ = ("_h", "_keep", "_result", "_lock", "_what", "_timeout", "__weakref__")
+
+    def __init__(self, h, keep: tuple, what: str, timeout: float | None):
+        self._h = h
+        self._keep = keep
+        self._result: int | BaseException | None = None
+        self._lock = threading.Lock()
+        self._what = what
+        self._timeout = timeout
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Block until the operation ends; returns the message size in bytes.
+        With a ``timeout`` (seconds) :class:`pccl.PcclTimeoutError` is raised
+        when it passes and the operation keeps running."""
+        if not self._lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
+            raise errors.PcclTimeoutError(f"{self._what} wait: another thread is waiting")
+        try:
+            if self._result is None:
+                nbytes = ffi.new("uint64_t *")
+                rv = lib.pccl_p2p_wait(self._h, _timeout_ms(timeout), nbytes)
+                if rv == lib.PCCL_ETIMEDOUT and timeout is not None:
+                    raise errors.PcclTimeoutError(
+                        f"{self._what} wait: still running after {timeout:g} s", rv
+                    )
+                if rv == lib.PCCL_ETIMEDOUT:
+                    self._result = errors.PcclTimeoutError(
+                        f"{self._what}: not done within its deadline"
+                        + (f" ({self._timeout:g} s)" if self._timeout else ""), rv)
+                elif rv:
+                    self._result = error_for(rv, self._what)
+                else:
+                    self._result = int(nbytes[0])
+                self._release()
+        finally:
+            self._lock.release()
+        if isinstance(self._result, BaseException):
+            raise self._result
+        return self._result
+
+    def done(self) -> bool:
+        """True once ``wait`` has returned or raised."""
+        return self._result is not None
+
+    def _release(self) -> None:
+        h, self._h = self._h, None
+        if h is not None:
+            lib.pccl_p2p_free(h)  # aborts if still running
+        self._keep = ()
+
+    def __del__(self):
+        try:
+            self._release()
+        except Exception:
+            pass
+
+
 class NativeComm:
     """One native communicator: a listener, an I/O thread and at most one
     ring of K striped TCP connections per neighbour.
@@ -627,6 +687,46 @@ class NativeComm:
             )
         return int(got[0]), (error_for(rv, f"fetch from {address}") if rv else None)
 
+    # -- point-to-point (core/p2p.c) ----------------------------------------
+
+    def set_peer_id(self, run_token: int, peer_number: int) -> None:
+        """Name this peer for point-to-point: the run's token and its peer
+        number (the same values every time)."""
+        self._check_open()
+        check(lib.pccl_comm_set_peer_id(self._comm, run_token, peer_number), "set peer id")
+
+    def send_async(self, x: Any, peer_number: int, peer_address: str, tag: int = 0,
+                   timeout: float | None = None) -> P2PHandle:
+        """Start sending the bytes of ``x`` to the peer; ``wait`` returns
+        once the receiver holds all of them.  ``x`` is only read."""
+        self._check_open()
+        tag = errors.check_int(tag, "tag", 0, 2**64)
+        addr, count, dtype, _ = buffer_info(x, "x")
+        h = ffi.new("pccl_p2p_handle **")
+        check(lib.pccl_comm_send_start(self._comm, peer_number, peer_address.encode(),
+                                       ffi.cast("const void *", addr),
+                                       count * _ELEMENT_SIZE[dtype], tag, _timeout_ms(timeout),
+                                       h), "send")
+        return P2PHandle(h[0], (x,), "send", timeout)
+
+    def recv_async(self, out: Any, peer_number: int, tag: int = 0,
+                   timeout: float | None = None) -> P2PHandle:
+        """Start receiving exactly ``out``'s size in bytes from the peer into
+        ``out`` (unspecified after a failure)."""
+        self._check_open()
+        tag = errors.check_int(tag, "tag", 0, 2**64)
+        addr, count, dtype, _ = buffer_info(out, "out", writable=True)
+        h = ffi.new("pccl_p2p_handle **")
+        check(lib.pccl_comm_recv_start(self._comm, peer_number, ffi.cast("void *", addr),
+                                       count * _ELEMENT_SIZE[dtype], tag, _timeout_ms(timeout),
+                                       h), "recv")
+        return P2PHandle(h[0], (out,), "recv", timeout)
+
+    def peer_lost(self, peer_number: int) -> None:
+        """The control plane lost this peer: its sends/recvs fail now and later."""
+        if not self._closed:
+            check(lib.pccl_comm_peer_lost(self._comm, peer_number), "peer lost")
+
     # -- lifetime -----------------------------------------------------------
 
     def abort(self) -> None:
@@ -634,6 +734,11 @@ class NativeComm:
         Never blocks; any thread."""
         if not self._closed:
             check(lib.pccl_comm_abort(self._comm), "abort")
+
+    def abort_ring(self) -> None:
+        """:meth:`abort` for the ring alone: point-to-point transfers go on."""
+        if not self._closed:
+            check(lib.pccl_comm_abort_ring(self._comm), "abort ring")
 
     def close(self) -> None:
         """Close every connection and stop the I/O thread.  Idempotent."""

@@ -31,6 +31,7 @@ MAX_PEER_ID = 64
 MAX_ADDRESS = 262  # "[" + 253-character host + "]:" + 5-digit port, rounded up
 MAX_RING = 65536  # peer ids in one topology message
 MAX_FLOAT = 1e9  # seconds; any timeout above this is nonsense
+MAX_NAME = 128  # characters in a peer's name (Communicator(name=...))
 
 # Directions, as passed to validate() and read_message().
 TO_MASTER = "peer->master"
@@ -243,6 +244,17 @@ _fetch_list = _list_of_maps(
 )
 
 # --------------------------------------------------------------------------
+# Point-to-point (docs/p2p.md): a peer's name in its hello, the run's
+# peers in every topology message, and peer_lost when one leaves the run.
+
+_name = _str(MAX_NAME)
+_peer_list = _list_of_maps(
+    MAX_RING,
+    {"peer_id": _peer_id, "num": _uint, "name": _name, "group": _uint, "rank": _uint,
+     "address": _address},
+)
+
+# --------------------------------------------------------------------------
 # The schema table: direction -> type -> field -> checker.  Every field is
 # required and no other field is allowed (a version-1 message is exactly
 # this; anything else is a different protocol).
@@ -256,6 +268,7 @@ SCHEMAS: dict[str, dict[str, dict[str, Callable[[Any], str | None]]]] = {
             "peer_group": _uint,
             "p2p_address": _address,
             "p2p_connections": _uint,
+            "name": _name,  # optional (OPTIONAL below)
         },
         "update_topology": {"req": _uint, "ring_ok": _bool, "admit": _bool},
         "pending_query": {"req": _uint},
@@ -290,7 +303,10 @@ SCHEMAS: dict[str, dict[str, dict[str, Callable[[Any], str | None]]]] = {
             "group_world_size": _uint,
             "next": _opt_address,
             "ring": _peer_id_list,
+            "run": _uint,  # optional: the run's token (point-to-point handshakes)
+            "peers": _peer_list,  # optional: every admitted peer of the run
         },
+        "peer_lost": {"peer_id": _peer_id, "reason": _reason},
         "topology_ready": {"epoch": _uint, "ok": _bool},
         "op_outcome": {"epoch": _uint, "tag": _uint, "seq": _uint, "ok": _bool},
         "heartbeat_ack": {},
@@ -309,11 +325,22 @@ SCHEMAS: dict[str, dict[str, dict[str, Callable[[Any], str | None]]]] = {
 }
 
 
+# Fields a message may leave out (added after version 1 without a version
+# bump: an older peer or master simply does not send them).
+OPTIONAL: dict[str, dict[str, frozenset[str]]] = {
+    TO_MASTER: {"hello": frozenset({"name"})},
+    TO_PEER: {"topology": frozenset({"run", "peers"})},
+}
+
 # SCHEMAS prepared for validate(): per direction and type, the exact key set
 # of a well-formed message and its (field, checker) pairs.
 _COMPILED = {
     direction: {
-        kind: (frozenset(schema) | {"type"}, tuple(schema.items()))
+        kind: (
+            frozenset(schema) | {"type"},
+            tuple(schema.items()),
+            OPTIONAL.get(direction, {}).get(kind, frozenset()),
+        )
         for kind, schema in table.items()
     }
     for direction, table in SCHEMAS.items()
@@ -338,15 +365,17 @@ def validate(msg: Any, direction: str) -> dict:
     compiled = table.get(kind)
     if compiled is None:
         raise ProtocolViolation(f"unknown message type {kind[:64]!r} ({direction})")
-    keys, checks = compiled
+    keys, checks, optional = compiled
     if msg.keys() != keys:
         for key in msg:
             if key not in keys:
                 raise ProtocolViolation(f"{kind}: unexpected field {str(key)[:64]!r}")
         for field, _ in checks:
-            if field not in msg:
+            if field not in msg and field not in optional:
                 raise ProtocolViolation(f"{kind}: missing field {field!r}")
     for field, check in checks:
+        if field not in msg:
+            continue  # an optional field left out
         error = check(msg[field])
         if error:
             raise ProtocolViolation(f"{kind}.{field}: {error}")

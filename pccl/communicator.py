@@ -27,10 +27,10 @@ import numpy as np
 
 from . import errors
 from ._control import MasterLink
-from ._native import NativeComm, buffer_info
+from ._native import NativeComm, P2PHandle, buffer_info
 from ._wire import format_hostport, parse_hostport
 from .shared_state import SharedState, SyncInfo, SyncStrategy, synchronize
-from .types import Quantization, ReduceHandle, ReduceInfo, ReduceOp
+from .types import PeerInfo, Quantization, ReduceHandle, ReduceInfo, ReduceOp
 
 log = logging.getLogger("pccl.communicator")
 
@@ -276,6 +276,10 @@ class Communicator:
       first); None: never.
     * ``max_topology_attempts`` - failed ring builds in a row before
       ``connect``/``update_topology`` give up.
+    * ``name`` - shown in the master's logs and status and in :meth:`peers`.
+
+    The same listener serves point-to-point :meth:`send`/:meth:`recv`
+    (docs/p2p.md): ``advertise`` is also the address other peers dial.
     """
 
     def __init__(
@@ -292,6 +296,7 @@ class Communicator:
         progress_timeout: float | None = 60.0,
         slice_bytes: int | None = None,
         max_topology_attempts: int = 5,
+        name: str | None = None,
     ) -> None:
         try:
             parse_hostport(master)
@@ -303,6 +308,8 @@ class Communicator:
                 parse_hostport(advertise)
             except ValueError as exc:
                 raise errors.AddressError(f"advertise: {exc}") from None
+        if name is not None and (not isinstance(name, str) or len(name) > 128):
+            raise errors.InvalidArgumentError("name must be a str of at most 128 characters")
         if isinstance(secret, str):
             secret = secret.encode()
         if secret is not None and not secret:
@@ -333,6 +340,12 @@ class Communicator:
         self._ring = RingState()
         self._seq: dict[int, int] = {}
         self._scratch: dict[int, Any] = {}
+        # Point-to-point (docs/p2p.md): the run's peers as of the last
+        # topology, by id, with their peer numbers; peers the master
+        # reported lost since.  Replaced whole under _lock.
+        self._name = name
+        self._peers: dict[str, tuple[PeerInfo, int]] = {}
+        self._lost_peers: set[str] = set()
 
     # ------------------------------------------------------------------
     # Properties.
@@ -391,7 +404,7 @@ class Communicator:
             return
         deadline = _Deadline(timeout, "connect")
         self._drop_link(leave=False)
-        link = MasterLink(*_weak_callbacks(self))
+        link = MasterLink(*_weak_callbacks(self))  # abort, lost, peer lost
         local_host = link.open_socket(
             self._master, deadline.bounded(self._connect_timeout, "connecting to the master")
         )
@@ -411,6 +424,7 @@ class Communicator:
                 p2p_connections=self._p2p_connections,
                 secret=self._secret,
                 timeout=deadline.bounded(self._connect_timeout, "the handshake with the master"),
+                name=self._name,
             )
         except BaseException:
             link.close(leave=False)
@@ -501,6 +515,7 @@ class Communicator:
 
     def _install(self, topology: dict, deadline: _Deadline) -> bool:
         link = self._check_connected()
+        self._update_peers(topology)
         with self._lock:
             self._ring = replace(self._ring, world_size=topology["world_size"])
         if not topology["changed"]:
@@ -837,6 +852,102 @@ class Communicator:
             self._scratch[tag] = scratch
 
     # ------------------------------------------------------------------
+    # Point-to-point (docs/p2p.md).
+
+    def peers(self) -> list[PeerInfo]:
+        """Every admitted peer of the run (this one included), as of the last
+        topology, minus those the master reported lost since."""
+        self._check_open()
+        return [info for info, _ in self._peers.values()]
+
+    def send(self, x: Any, peer: str, tag: int = 0, *, timeout: float | None = None) -> None:
+        """Send the bytes of ``x`` to ``peer`` (a :attr:`PeerInfo.peer_id`);
+        returns once the receiver holds the whole message.  ``x`` is only
+        read.  The n-th send with a tag to a peer meets that peer's n-th
+        recv with the tag from this one.  Raises :class:`pccl.PeerLostError`
+        when the peer is lost or the connection breaks,
+        :class:`pccl.InvalidArgumentError` for an unknown peer, this peer,
+        or a message whose size is not the receiver's buffer's (both ends
+        raise it).  ``timeout`` (seconds, None: no limit) bounds the whole
+        transfer."""
+        self.send_async(x, peer, tag, timeout=timeout).wait()
+
+    def send_async(self, x: Any, peer: str, tag: int = 0, *,
+                   timeout: float | None = None) -> P2PHandle:
+        """Start :meth:`send`; ``handle.wait(timeout=None)`` returns the bytes
+        sent.  Several sends (and recvs) may be in flight at once."""
+        native, num, address = self._p2p_target(peer)
+        return native.send_async(x, num, address, tag, timeout)
+
+    def recv(self, out: Any, peer: str, tag: int = 0, *, timeout: float | None = None) -> None:
+        """Receive exactly ``out``'s size in bytes from ``peer`` into ``out``
+        (written in place; unspecified after a failure).  Errors as
+        :meth:`send`."""
+        self.recv_async(out, peer, tag, timeout=timeout).wait()
+
+    def recv_async(self, out: Any, peer: str, tag: int = 0, *,
+                   timeout: float | None = None) -> P2PHandle:
+        """Start :meth:`recv`; ``handle.wait(timeout=None)`` returns the bytes
+        received."""
+        native, num, _ = self._p2p_target(peer)
+        return native.recv_async(out, num, tag, timeout)
+
+    def _p2p_target(self, peer: str) -> tuple[NativeComm, int, str]:
+        self._check_connected()
+        native = self._native
+        assert native is not None
+        if not isinstance(peer, str):
+            raise errors.InvalidArgumentError(
+                f"peer must be a peer id (PeerInfo.peer_id, a str), got {type(peer).__name__}"
+            )
+        if peer == self._peer_id:
+            raise errors.InvalidArgumentError(f"peer {peer!r} is this peer: cannot send to oneself")
+        if peer in self._lost_peers:
+            raise errors.PeerLostError(f"peer {peer!r} left the run", 6)
+        entry = self._peers.get(peer)
+        if entry is None:
+            raise errors.InvalidArgumentError(
+                f"unknown peer {peer!r} (peers(): {', '.join(self._peers) or 'none'})"
+            )
+        info, num = entry
+        return native, num, info.addresses["default"]
+
+    def _update_peers(self, topology: dict) -> None:
+        """Take the run's peers from a topology message (masters that send
+        none leave point-to-point unavailable)."""
+        if "peers" not in topology:
+            return
+        peers = {
+            p["peer_id"]: (
+                PeerInfo(p["peer_id"], p["name"], p["group"], p["rank"],
+                         {"default": p["address"]}),
+                p["num"],
+            )
+            for p in topology["peers"]
+        }
+        mine = peers.get(self._peer_id or "")
+        if mine is not None and self._native is not None:
+            self._native.set_peer_id(topology["run"], mine[1])
+        with self._lock:
+            self._peers = peers
+            self._lost_peers -= set(peers)
+
+    def _on_peer_lost(self, peer_id: str, reason: str) -> None:
+        with self._lock:
+            entry = self._peers.get(peer_id)
+            if entry is None:
+                return
+            self._peers = {k: v for k, v in self._peers.items() if k != peer_id}
+            self._lost_peers.add(peer_id)
+        native = self._native
+        if native is not None:
+            try:
+                native.peer_lost(entry[1])
+            except errors.PcclError as exc:  # closed meanwhile
+                log.debug("peer_lost: %s", exc)
+        log.info("%s: peer %s left the run: %s", self._peer_id, peer_id, reason)
+
+    # ------------------------------------------------------------------
     # Callbacks from the master link's thread (must not block).
 
     def _on_abort(self, epoch: int, reason: str) -> None:
@@ -863,7 +974,7 @@ class Communicator:
         native = self._native
         if native is not None:
             try:
-                native.abort()
+                native.abort_ring()  # point-to-point transfers go on
             except errors.PcclError as exc:  # closed meanwhile
                 log.debug("abort: %s", exc)
 
@@ -996,4 +1107,9 @@ def _weak_callbacks(comm: Communicator):
         if c is not None:
             c._on_link_lost(exc)
 
-    return on_abort, on_lost
+    def on_peer_lost(peer_id: str, reason: str) -> None:
+        c = ref()
+        if c is not None:
+            c._on_peer_lost(peer_id, reason)
+
+    return on_abort, on_lost, on_peer_lost

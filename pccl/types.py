@@ -55,6 +55,20 @@ class ReduceInfo:
     rx_bytes: int
 
 
+@dataclass(frozen=True)
+class PeerInfo:
+    """One admitted peer of the run, as :meth:`pccl.Communicator.peers` lists
+    it: its id (what ``send``/``recv`` take), name, peer group, rank in its
+    group's ring, and advertised addresses (NIC label -> ``"host:port"``,
+    ``"default"`` when unlabelled)."""
+
+    peer_id: str
+    name: str
+    group: int
+    rank: int
+    addresses: dict[str, str]
+
+
 class ReduceHandle(abc.ABC):
     """An operation in flight, as ``all_reduce_async`` returns it on both
     :class:`pccl.Communicator` and :class:`pccl.StaticRing`.

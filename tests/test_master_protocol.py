@@ -32,6 +32,19 @@ def good_messages() -> list[tuple[str, dict]]:
                 "p2p_connections": 4,
             },
         ),
+        (
+            TO_MASTER,
+            {
+                "type": "hello",
+                "version": 1,
+                "nonce": NONCE,
+                "mac": b"",
+                "peer_group": 0,
+                "p2p_address": "127.0.0.1:4001",
+                "p2p_connections": 1,
+                "name": "worker-7",  # optional
+            },
+        ),
         (TO_MASTER, {"type": "update_topology", "req": 7, "ring_ok": True, "admit": True}),
         (TO_MASTER, {"type": "pending_query", "req": 0}),
         (TO_MASTER, {"type": "ring_ready", "epoch": 2, "ok": False}),
@@ -85,6 +98,28 @@ def good_messages() -> list[tuple[str, dict]]:
         (TO_PEER, {"type": "op_outcome", "epoch": 1, "tag": 2, "seq": 3, "ok": False}),
         (TO_PEER, {"type": "heartbeat_ack"}),
         (TO_PEER, {"type": "abort", "epoch": 1, "reason": "p3 lost"}),
+        (TO_PEER, {"type": "peer_lost", "peer_id": "p3", "reason": "connection closed"}),
+        (
+            TO_PEER,
+            {
+                "type": "topology",
+                "req": 4,
+                "epoch": 2,
+                "changed": False,
+                "rank": 1,
+                "world_size": 2,
+                "group_world_size": 2,
+                "next": "127.0.0.1:5000",
+                "ring": ["p1", "p2"],
+                "run": 12345,
+                "peers": [
+                    {"peer_id": "p1", "num": 1, "name": "a", "group": 0, "rank": 0,
+                     "address": "127.0.0.1:5000"},
+                    {"peer_id": "p2", "num": 2, "name": "", "group": 0, "rank": 1,
+                     "address": "127.0.0.1:5001"},
+                ],
+            },
+        ),
         (TO_PEER, {"type": "evicted", "reason": "vote timeout"}),
         (
             TO_PEER,
@@ -125,6 +160,18 @@ def test_schema_table_covers_the_documented_types():
         "sync_done",
     }
     assert {m["type"] for d, m in good_messages() if d == TO_PEER} == set(protocol.SCHEMAS[TO_PEER])
+
+
+def test_optional_fields_are_checked_when_present():
+    topo = next(m for d, m in good_messages() if m["type"] == "topology" and "peers" in m)
+    bad = dict(topo, peers=[dict(topo["peers"][0], rank=-1)])
+    with pytest.raises(ProtocolViolation, match="peers"):
+        protocol.validate(bad, TO_PEER)
+    hello = next(m for d, m in good_messages() if m["type"] == "hello")
+    with pytest.raises(ProtocolViolation, match="name"):
+        protocol.validate(dict(hello, name="x" * 129), TO_MASTER)
+    with pytest.raises(ProtocolViolation, match="unexpected field"):
+        protocol.validate(dict(hello, nickname="x"), TO_MASTER)
 
 
 def test_a_type_is_only_valid_in_its_direction():

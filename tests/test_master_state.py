@@ -117,6 +117,9 @@ def test_first_peer_is_admitted_at_once(run):
         "group_world_size": 1,
         "next": None,
         "ring": [a],
+        "run": run.state.run_token,
+        "peers": [{"peer_id": a, "num": 1, "name": "", "group": 0, "rank": 0,
+                   "address": run.state.peers[a].p2p_address}],
     }
     run.send(a, type="ring_ready", epoch=1, ok=True)
     assert run.take(a) == [{"type": "topology_ready", "epoch": 1, "ok": True}]

@@ -8,7 +8,7 @@ set -eu
 
 SECONDS_PER=${1:-20}
 shift || true
-HARNESSES=${*:-"frame_fuzz handshake_fuzz rx_fuzz coll_fuzz"}
+HARNESSES=${*:-"frame_fuzz handshake_fuzz rx_fuzz coll_fuzz p2p_fuzz"}
 OUT=build/fuzz
 SRC=native
 CC=${FUZZ_CC:-clang}
@@ -58,6 +58,7 @@ build() {
                  $SRC/src/platform/posix/socket.c $SRC/src/platform/posix/thread.c \
                  $SRC/src/core/result.c -lpthread ;;
     coll_fuzz) set -- "$1" $COLL_SRCS ;;
+    p2p_fuzz) set -- "$1" $(find $SRC/src -name '*.c' | sort) -lcrypto -lpthread ;;
     *) echo "unknown harness $1" >&2; exit 2 ;;
     esac
     h=$1; shift
@@ -88,6 +89,13 @@ for h in $HARNESSES; do
         $CC $CF -DCOLL_FUZZ_SEEDS -fsanitize=address,undefined "$SRC/fuzz/coll_fuzz.c" \
             $COLL_SRCS -lm -o "$OUT/coll_seeds"
         "$OUT/coll_seeds" "$corpus"
+    fi
+    if [ "$h" = p2p_fuzz ] && [ -z "$(ls -A "$corpus")" ]; then
+        # Valid point-to-point streams, so fuzzing starts past the schedule.
+        # shellcheck disable=SC2086
+        $CC $CF -DP2P_FUZZ_SEEDS -fsanitize=address,undefined "$SRC/fuzz/p2p_fuzz.c" \
+            $SRC/src/net/frame.c $SRC/src/core/result.c -lm -o "$OUT/p2p_seeds"
+        "$OUT/p2p_seeds" "$corpus"
     fi
     if [ -d "$regress" ] && [ -n "$(ls "$regress")" ]; then
         echo "== $h: replay $(ls "$regress" | wc -l) regression inputs"

@@ -215,9 +215,64 @@ pccl_result pccl_comm_unpublish(pccl_comm *comm, uint64_t key, uint64_t *tx_byte
 pccl_result pccl_comm_fetch(pccl_comm *comm, const char *addr, uint64_t key, uint64_t offset,
                             uint64_t len, void *dst, int32_t timeout_ms, uint64_t *received);
 
-/* pccl_comm_abort fails every op in flight and any pccl_comm_set_ring in
- * progress with PCCL_EABORTED and breaks the ring (set_ring again to go
- * on).  Never blocks; any thread, also while other calls block. */
+/* ---- point-to-point send/recv (core/p2p.c) ------------------------------
+ * A peer is named by a 32-bit peer number (the control plane's peer id)
+ * and, for a sender, the "host:port" it listens on.  The n-th send with a
+ * tag from A to B meets the n-th recv with that tag on B from A.  Frames
+ * travel on K connections the sender opens on first use (HMAC handshake).
+ * A handle keeps the comm's memory alive: pccl_comm_free closes the comm
+ * (failing running ops with PCCL_ECLOSED) and the last pccl_p2p_free frees it. */
+typedef struct pccl_p2p_handle pccl_p2p_handle;
+
+/* pccl_comm_set_peer_id names this peer for point-to-point: run_token
+ * (the same on every peer of the run) and its peer number (not
+ * UINT32_MAX).  Needed before any send/recv or inbound p2p connection.
+ * Setting other values (a rejoin) fails every p2p op with PCCL_EPEERLOST
+ * and forgets lost peers.  Thread-safe. */
+pccl_result pccl_comm_set_peer_id(pccl_comm *comm, uint64_t run_token, uint32_t peer_id);
+
+/* pccl_comm_send_start sends len bytes at buf to peer_id, listening at
+ * peer_addr, under tag, and writes a handle the caller owns.  buf is only
+ * read and must stay valid and unchanged until the op ends.  The op
+ * succeeds only once the receiver holds the whole message (its ack
+ * arrived).  It fails with PCCL_ETIMEDOUT after timeout_ms (<0: never),
+ * PCCL_EPEERLOST when the pair breaks, PCCL_EABORTED on pccl_comm_abort.
+ * PCCL_EINVAL for peer_id == this peer.  Does not block; thread-safe. */
+pccl_result pccl_comm_send_start(pccl_comm *comm, uint32_t peer_id, const char *peer_addr,
+                                 const void *buf, size_t len, uint64_t tag, int32_t timeout_ms,
+                                 pccl_p2p_handle **out);
+
+/* pccl_comm_recv_start posts a receive of exactly len bytes from peer_id
+ * under tag into buf (written in place, by offset, as slices arrive) and
+ * writes a handle the caller owns.  A message of another size fails
+ * both ends with PCCL_EINVAL (the receiver nacks it).  buf is unspecified after a failure.  Same deadlines and
+ * failures as send.  Does not block; thread-safe. */
+pccl_result pccl_comm_recv_start(pccl_comm *comm, uint32_t peer_id, void *buf, size_t len,
+                                 uint64_t tag, int32_t timeout_ms, pccl_p2p_handle **out);
+
+/* pccl_p2p_wait blocks until the op ends or timeout_ms passes (<0: no
+ * limit; PCCL_ETIMEDOUT and the op goes on).  Returns the op's result;
+ * *bytes (may be NULL) gets the message size on success.  Any thread. */
+pccl_result pccl_p2p_wait(pccl_p2p_handle *h, int32_t timeout_ms, uint64_t *bytes);
+
+/* pccl_p2p_free releases a handle; a running op is aborted first (its
+ * pair is reset).  Not concurrently with pccl_p2p_wait on h. */
+pccl_result pccl_p2p_free(pccl_p2p_handle *h);
+
+/* pccl_comm_peer_lost tells the core the control plane lost peer_id: its
+ * ops fail with PCCL_EPEERLOST now and later ones at once, and its
+ * connections close.  Never blocks long; thread-safe. */
+pccl_result pccl_comm_peer_lost(pccl_comm *comm, uint32_t peer_id);
+/* ---- end of point-to-point ------------------------------------------------ */
+
+/* pccl_comm_abort_ring is pccl_comm_abort for the ring alone: ring ops and
+ * set_ring fail with PCCL_EABORTED, point-to-point ops go on.  Never
+ * blocks; any thread. */
+pccl_result pccl_comm_abort_ring(pccl_comm *comm);
+
+/* pccl_comm_abort fails every op in flight (point-to-point too) and any
+ * pccl_comm_set_ring in progress with PCCL_EABORTED and breaks the ring
+ * (set_ring again to go on).  Never blocks; any thread, also while other calls block. */
 pccl_result pccl_comm_abort(pccl_comm *comm);
 
 /* pccl_comm_close stops the I/O thread and closes every socket; blocked

@@ -471,7 +471,8 @@ test_client_fields(void)
     };
     static const struct patch patches[] = {
         {6, 2, 0, PCCL_EPROTO},                            /* purpose 0 */
-        {6, 2, 4, PCCL_EPROTO},                            /* purpose 4 */
+        {6, 2, 5, PCCL_EPROTO},                            /* purpose 5 */
+        {6, 2, 4, PCCL_OK},                                /* purpose 4: P2P */
         {6, 2, 0x101, PCCL_EPROTO},
         {6, 2, PCCL__PURPOSE_XFER, PCCL_OK},
         {6, 2, PCCL__PURPOSE_PROBE, PCCL_OK},

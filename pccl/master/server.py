@@ -475,6 +475,7 @@ class MasterServer:
             p2p_connections=hello["p2p_connections"],
             welcome_mac=protocol.welcome_mac(self.secret, hello["nonce"], nonce_m),
             now=self.now(),
+            name=hello.get("name", ""),
         )
         conn.peer_id = peer_id
         self._by_peer[peer_id] = conn

@@ -21,6 +21,7 @@ Invariants (see docs/protocol.md for the wire side):
 from __future__ import annotations
 
 import itertools
+import secrets
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +46,7 @@ class Peer:
     serial: int  # join order
     state: str = PENDING
     admitted_epoch: int | None = None
+    name: str = ""  # Communicator(name=...): logs, status, peers()
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,9 @@ class MasterState:
         self.broken: set[int] = set()  # groups whose ring broke during this epoch
         self._membership_changed = False
         self._serial = itertools.count(1)
+        # The run's token: point-to-point handshakes carry it, so peers of
+        # another run (another master) sharing the secret are refused.
+        self.run_token = secrets.randbits(63)
 
         # The open vote round: admitted voter -> (req, ring_ok, admit).
         self.votes: dict[str, tuple[int, bool, bool]] = {}
@@ -187,6 +192,7 @@ class MasterState:
             "peers": [
                 {
                     "peer_id": p.peer_id,
+                    "name": p.name,
                     "state": p.state,
                     "group": p.group,
                     "address": p.remote,
@@ -228,6 +234,7 @@ class MasterState:
         p2p_connections: int,
         welcome_mac: bytes,
         now: float,
+        name: str = "",
     ) -> tuple[str, Actions]:
         """A peer passed the handshake: welcome it as pending (admitted at
         once when the run has no admitted peer)."""
@@ -243,6 +250,7 @@ class MasterState:
             joined_at=now,
             last_seen=now,
             serial=serial,
+            name=name,
         )
         self.peers[peer_id] = peer
         self._n_pending += 1
@@ -409,6 +417,7 @@ class MasterState:
         # One copy of each ring, shared by the messages of all its members
         # (the server validates and encodes a shared ring once per round).
         shared = {g: list(r) for g, r in self.rings.items()}
+        peers = self._peer_list()
         for peer in self.admitted():
             vote = votes.get(peer.peer_id)
             ring = self.rings[peer.group]
@@ -426,8 +435,22 @@ class MasterState:
                     "group_world_size": len(ring),
                     "next": successor.p2p_address if len(ring) > 1 and successor else None,
                     "ring": shared[peer.group],
+                    "run": self.run_token,
+                    "peers": peers,
                 },
             )
+
+    def _peer_list(self) -> list[dict[str, Any]]:
+        """Every admitted peer as peers() shows it (point-to-point)."""
+        out = []
+        for p in self.admitted():
+            ring = self.rings.get(p.group, [])
+            out.append({
+                "peer_id": p.peer_id, "num": p.serial, "name": p.name, "group": p.group,
+                "rank": ring.index(p.peer_id) if p.peer_id in ring else 0,
+                "address": p.p2p_address,
+            })
+        return out
 
     def _ring_ready(self, peer: Peer, epoch: int, ok: bool, now: float, acts: Actions) -> None:
         if epoch != self.ring_phase_epoch or peer.peer_id not in self.ring_waiting:
@@ -586,6 +609,11 @@ class MasterState:
         else:
             self._n_pending -= 1
         self.votes.pop(peer.peer_id, None)
+        if peer.state == ADMITTED:
+            # point-to-point: the others' sends/recvs with it fail now
+            for other in self.admitted():
+                acts.send(other.peer_id,
+                          {"type": "peer_lost", "peer_id": peer.peer_id, "reason": reason})
         self.counters[f"peers_{kind}"] += 1
         if kind == "evicted":
             acts.send(peer.peer_id, {"type": "evicted", "reason": reason})

@@ -51,9 +51,10 @@ class PeerClient:
             raise protocol.ProtocolViolation(f"master sent a {length}-byte frame")
         return protocol.validate(protocol.decode(self._recv_exact(length)), protocol.TO_PEER)
 
-    def expect(self, kind: str, skip: Sequence[str] = ("heartbeat_ack",)) -> dict:
+    def expect(self, kind: str, skip: Sequence[str] = ("heartbeat_ack", "peer_lost")) -> dict:
         """The next message, which must be of type ``kind`` (``skip`` types
-        are passed over)."""
+        are passed over: by default the notifications a peer may get at any
+        time)."""
         while True:
             msg = self.recv()
             if msg["type"] == kind:

@@ -45,6 +45,7 @@ __all__ = [
     "gather",
     "join_all",
     "make_input",
+    "p2p_payload",
     "request_all",
     "send_all",
     "serve",
@@ -60,6 +61,13 @@ def make_input(seed: int, index: int, n: int, dtype: str = "float32") -> np.ndar
     if dtype.startswith("float"):
         return rng.standard_normal(n).astype(dtype)
     return rng.integers(-100, 100, n).astype(dtype)
+
+
+def p2p_payload(seed: int, n: int) -> np.ndarray:
+    """n deterministic bytes for point-to-point tests (a random 64 KiB
+    block repeated, so 256 MiB costs no 256 MiB of random numbers)."""
+    block = np.random.default_rng(seed).integers(0, 256, min(n, 65536), dtype=np.uint8)
+    return np.resize(block, n) if n > block.size else block
 
 
 def digest(x: np.ndarray) -> str:
@@ -88,6 +96,7 @@ class _Worker:
             p2p_connections=a.connections,
             secret=a.secret,
             progress_timeout=a.progress_timeout,
+            name=f"peer{a.index}",
         )
 
     def emit(self, msg: dict) -> None:
@@ -337,6 +346,44 @@ class _Worker:
                 raised[name] = [type(exc).__name__, isinstance(exc, ValueError),
                                 isinstance(exc, self.pccl.PcclError)]
         return {"raised": raised}
+    # Point-to-point (tests/test_p2p.py).
+
+    def cmd_peers(self) -> dict:
+        return {
+            "self": self.comm.peer_id,
+            "rank": self.comm.rank,
+            "peers": [
+                {"peer_id": p.peer_id, "name": p.name, "group": p.group, "rank": p.rank,
+                 "addresses": p.addresses}
+                for p in self.comm.peers()
+            ],
+        }
+
+    def cmd_p2p(self, ops: list[dict], timeout: float = 60.0, label: str = "") -> dict:
+        """Start every op of ``ops`` at once (each ``{"op": "send"|"recv",
+        "peer", "tag", "n", "seed"}``: n bytes of p2p_payload(seed)), then
+        wait for all; replies each recv's digest and each op's outcome.
+        The ``started`` event (with ``label``) comes once all are started."""
+        pccl = self.pccl
+        handles = []
+        for op in ops:
+            if op["op"] == "send":
+                buf = p2p_payload(op["seed"], op["n"])
+                h = self.comm.send_async(buf, op["peer"], op["tag"], timeout=timeout)
+            else:
+                buf = np.empty(op["n"], dtype=np.uint8)
+                h = self.comm.recv_async(buf, op["peer"], op["tag"], timeout=timeout)
+            handles.append((op, buf, h))
+        self.emit({"event": "started", "t": time.monotonic(), "label": label})
+        results = []
+        for op, buf, h in handles:
+            try:
+                h.wait()
+                results.append({"ok": True, "hash": digest(buf) if op["op"] == "recv" else None})
+            except pccl.PcclError as exc:
+                results.append({"ok": False, "error": type(exc).__name__, "message": str(exc),
+                                "t_error": time.monotonic()})
+        return {"results": results, "t_done": time.monotonic()}
 
     def cmd_close(self) -> dict:
         self.comm.close()

@@ -8,6 +8,7 @@
 
 #include "core/comm.h"
 #include "core/engine.h"
+#include "core/p2p.h"
 
 pccl_result
 pccl_comm_config_init(pccl_comm_config *cfg)
@@ -86,6 +87,11 @@ pccl_comm_create(const pccl_comm_config *cfg, pccl_comm **out)
         pccl__event_fini(&comm->setup_wake);
         goto fail_ev;
     }
+    if ((rv = pccl__p2p_init(comm)) != 0) {
+        pccl__xfer_fini(comm);
+        pccl__event_fini(&comm->setup_wake);
+        goto fail_ev;
+    }
     if ((rv = pccl__listener_open(&comm->listener, &addr, comm->secret, comm->secret_len,
                                   comm->handshake_timeout_ms, &pccl__ring_setup_listener_ops, comm)) != 0) {
         goto fail_ev2;
@@ -107,6 +113,7 @@ pccl_comm_create(const pccl_comm_config *cfg, pccl_comm **out)
 fail_listener:
     pccl__listener_close(&comm->listener);
 fail_ev2:
+    pccl__p2p_fini(comm);
     pccl__xfer_fini(comm);
     pccl__event_fini(&comm->setup_wake);
 fail_ev:
@@ -143,6 +150,17 @@ pccl_comm_listen_address(pccl_comm *comm, char *buf, size_t len)
 
 pccl_result
 pccl_comm_abort(pccl_comm *comm)
+{
+    pccl_result rv = pccl_comm_abort_ring(comm);
+
+    if (rv == 0) {
+        pccl__p2p_abort(comm); /* point-to-point ops too */
+    }
+    return rv;
+}
+
+pccl_result
+pccl_comm_abort_ring(pccl_comm *comm)
 {
     if (comm == NULL) {
         return PCCL_EINVAL;
@@ -185,6 +203,7 @@ pccl_comm_close(pccl_comm *comm)
 
     pccl__listener_stop(&comm->listener);
     pccl__xfer_close(comm);
+    pccl__p2p_close(comm);
     pccl__engine_join(comm);
 
     pccl__mutex_lock(&comm->mtx);
@@ -204,6 +223,7 @@ void
 pccl__comm_destroy(pccl_comm *comm)
 {
     pccl__listener_close(&comm->listener);
+    pccl__p2p_fini(comm);
     pccl__xfer_fini(comm);
     pccl__event_fini(&comm->engine_wake);
     pccl__event_fini(&comm->setup_wake);

@@ -9,6 +9,8 @@
  *   op.c          op bookkeeping and the seq table (op.h)
  *   bufcache.c    big buffers kept between ops (bufcache.h)
  *   xfer.c        shared-state transfers
+ *   p2p.c         point-to-point send/recv: its I/O thread, pairs, ops (p2p.h)
+ *   p2p_api.c     the public p2p calls that start and free ops
  *
  * Calls go one way: comm/ring_setup/op_api -> engine -> op; none of
  * engine, op, bufcache calls back up (tools/include_graph.py checks the
@@ -36,6 +38,8 @@
 #include "net/listener.h"
 #include "platform/plat.h"
 #include "pccl.h"
+
+typedef struct pccl__p2p pccl__p2p;
 
 enum pccl__ring_state {
     PCCL__RING_NONE = 0,    /* never set: ESTATE */
@@ -151,6 +155,9 @@ struct pccl_comm {
     uint32_t nparked_conns;
     uint32_t nclosed_conns;      /* hung up by the peer, ops still draining */
     uint32_t ndirty;             /* entries of engine_ring->dirty in use */
+
+    /* point-to-point send/recv (p2p.c): its own thread and lock */
+    struct pccl__p2p *p2p;
 };
 
 /* comm.c: frees the communicator's memory (pccl_comm_free, or the last

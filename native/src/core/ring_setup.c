@@ -25,6 +25,7 @@
 
 #include "core/comm.h"
 #include "core/engine.h"
+#include "core/p2p.h"
 
 enum {
     RETRY_MS = 20,           /* pause between connection attempts */
@@ -108,6 +109,10 @@ on_hello(void *arg, int fd, const pccl__hs_server *st)
 
     if (h->purpose == PCCL__PURPOSE_XFER) {
         pccl__xfer_on_hello(comm, fd, st); /* shared-state transfer: xfer.c */
+        return;
+    }
+    if (h->purpose == PCCL__PURPOSE_P2P) {
+        pccl__p2p_on_hello(comm, fd, st); /* point-to-point: p2p.c */
         return;
     }
     if (h->purpose != PCCL__PURPOSE_RING) {

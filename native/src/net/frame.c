@@ -127,7 +127,11 @@ pccl__frame_encode(const pccl__frame_header *h, uint8_t *out)
     out[OFF_FLAGS] = 0;
     pccl__put_u32(out + OFF_RESERVED, 0);
     pccl__put_f64(out + OFF_QMIN, h->qmin);
-    pccl__put_f64(out + OFF_QSCALE, h->qscale);
+    if (h->kind == PCCL__FRAME_P2P_DATA || h->kind == PCCL__FRAME_P2P_ACK) {
+        pccl__put_u64(out + OFF_QSCALE, h->total);
+    } else {
+        pccl__put_f64(out + OFF_QSCALE, h->qscale);
+    }
 }
 
 pccl_result
@@ -163,6 +167,21 @@ pccl__frame_decode(const uint8_t *buf, size_t len, pccl__frame_header *out)
     h.qmin = pccl__get_f64(buf + OFF_QMIN);
     h.qscale = pccl__get_f64(buf + OFF_QSCALE);
 
+    h.total = 0;
+    if (h.kind == PCCL__FRAME_P2P_DATA || h.kind == PCCL__FRAME_P2P_ACK) {
+        /* point-to-point: raw bytes, the message size in place of qscale */
+        if (h.dtype != PCCL_UINT8 || h.op != PCCL_SUM || h.quant != PCCL_QUANT_NONE ||
+            pccl__get_u64(buf + OFF_QMIN) != 0 || h.length != h.count ||
+            h.length > PCCL__FRAME_MAX_PAYLOAD ||
+            (h.kind == PCCL__FRAME_P2P_ACK && h.length != 0)) {
+            return PCCL_EPROTO;
+        }
+        h.total = pccl__get_u64(buf + OFF_QSCALE);
+        h.qscale = 0;
+        h.qmin = 0;
+        *out = h;
+        return PCCL_OK;
+    }
     if (h.kind != PCCL__FRAME_DATA || h.dtype >= PCCL_DTYPE_COUNT ||
         h.op >= PCCL_OP_COUNT || h.quant >= PCCL_QUANT_COUNT ||
         h.length > PCCL__FRAME_MAX_PAYLOAD) {

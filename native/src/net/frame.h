@@ -40,7 +40,11 @@ enum pccl__frame_consts {
 };
 
 enum pccl__frame_kind {
-    PCCL__FRAME_DATA = 1 /* one slice of an all-reduce */
+    PCCL__FRAME_DATA = 1,    /* one slice of an all-reduce */
+    /* point-to-point (core/p2p.c): dtype UINT8, op SUM, quant NONE,
+     * count == length, qmin 0; the 8 bytes of qscale carry `total`. */
+    PCCL__FRAME_P2P_DATA = 2, /* bytes [offset, offset+length) of a message of `total` bytes */
+    PCCL__FRAME_P2P_ACK = 3   /* the receiver holds the whole message; length 0 */
 };
 
 typedef struct pccl__frame_header {
@@ -57,6 +61,7 @@ typedef struct pccl__frame_header {
     uint8_t quant;
     double qmin;
     double qscale;
+    uint64_t total;    /* P2P kinds only: message bytes (on the wire in place of qscale) */
 } pccl__frame_header;
 
 /* A frame to send: the encoded header and a pointer to its payload,

@@ -160,7 +160,7 @@ static int
 client_fields_valid(const pccl__hs_client_hello *h)
 {
     if (h->purpose != PCCL__PURPOSE_RING && h->purpose != PCCL__PURPOSE_XFER &&
-        h->purpose != PCCL__PURPOSE_PROBE) {
+        h->purpose != PCCL__PURPOSE_PROBE && h->purpose != PCCL__PURPOSE_P2P) {
         return 0;
     }
     if (h->nconns < 1 || h->nconns > PCCL_MAX_CONNECTIONS || h->conn_index >= h->nconns) {

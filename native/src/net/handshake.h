@@ -45,7 +45,10 @@ enum pccl__hs_consts {
 enum pccl__hs_purpose {
     PCCL__PURPOSE_RING = 1,  /* ring link: from_rank -> to_rank */
     PCCL__PURPOSE_XFER = 2,  /* shared-state transfer (core/xfer.c) */
-    PCCL__PURPOSE_PROBE = 3  /* bandwidth probe (reserved) */
+    PCCL__PURPOSE_PROBE = 3, /* bandwidth probe (reserved) */
+    PCCL__PURPOSE_P2P = 4    /* point-to-point (core/p2p.c): epoch = run token, from_rank /
+                              * to_rank = sender's / receiver's peer number, world =
+                              * UINT32_MAX, conn_index of nconns */
 };
 
 typedef struct pccl__hs_client_hello {
