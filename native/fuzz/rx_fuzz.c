@@ -1,19 +1,19 @@
 /*
  * rx_fuzz.c - libFuzzer harness for the whole receive path of a ring
- * all-reduce, through the internal API (no change to src/).
+ * all-reduce, through the operation interface (coll/coll.h) exactly as
+ * the engine calls it.
  *
  * The first 4 input bytes choose an operation (world 2-5, rank, K 1-4,
  * dtype, op, quantization, element count); the rest is the byte stream
  * that arrives on an inbound ring connection.  The harness writes it into
  * one end of a socketpair and drives the other end as the I/O engine does:
- * pccl__conn_recv_header (frame decoding), pccl__ring_op_accept (the
- * schedule check: epoch 0, tag 0, seq 0), pccl__conn_recv_payload into
- * the place accept chose, pccl__ring_op_received (reduce, dequantize,
- * finalize, forward).  Frames the op emits are accounted as sent at once.
+ * pccl__conn_recv_header (frame decoding), vt->accept (the schedule
+ * check: epoch 0, tag 0, seq 0), pccl__conn_recv_payload into the place
+ * accept chose, vt->received (reduce, dequantize, finalize, forward).  Frames the op emits are accounted as sent at once.
  * Checked besides "no crash / no UB / no overread": only documented codes
  * come back, a frame is never accepted twice (the op never finishes with
  * more receives than it expects), and an in-place op that does not finish
- * gives the input back exactly (pccl__ring_op_restore) whatever it wrote.
+ * gives the input back exactly (vt->restore) whatever it wrote.
  *
  * Built with -DRX_FUZZ_SEEDS it is instead a seed generator: it runs every
  * rank of the same configurations in memory and writes the exact stream
@@ -30,6 +30,7 @@
 #include <unistd.h>
 
 #include "coll/allreduce_ring.h"
+#include "coll/coll.h"
 #include "net/conn.h"
 #include "net/frame.h"
 
@@ -60,7 +61,8 @@ parse_cfg(const uint8_t *b, cfg *c)
 }
 
 typedef struct rank_state {
-    pccl__ring_op op;
+    pccl__ring_op ring;
+    pccl__coll_op *op;      /* &ring.base: what the engine sees */
     uint8_t *src, *dst, *backup, *qbuf;
 } rank_state;
 
@@ -84,7 +86,8 @@ rank_init(rank_state *s, const cfg *c, uint32_t rank, int in_place)
     for (i = 0; i < nbytes; i++) {
         s->src[i] = (uint8_t)((i * 7 + rank) & 0x3f);
     }
-    if (pccl__ring_op_init(&s->op, &g, s->src, s->dst, c->count, c->dtype, c->op, c->quant, 0,
+    s->op = &s->ring.base;
+    if (pccl__ring_op_init(&s->ring, &g, s->src, s->dst, c->count, c->dtype, c->op, c->quant, 0,
                            0, s->backup, s->qbuf) != PCCL_OK) {
         return -1;
     }
@@ -94,7 +97,9 @@ rank_init(rank_state *s, const cfg *c, uint32_t rank, int in_place)
 static void
 rank_fini(rank_state *s)
 {
-    pccl__ring_op_fini(&s->op);
+    if (s->op != NULL) {
+        s->op->vt->fini(s->op);
+    }
     if (s->dst != s->src) {
         free(s->dst);
     }
@@ -121,11 +126,12 @@ emit_sent(void *arg, uint32_t conn_index, pccl__frame_out *f)
 }
 
 static void
-flush_sent(pccl__ring_op *op)
+flush_sent(void)
 {
     size_t i;
     for (i = 0; i < sent_n; i++) {
-        pccl__ring_op_sent(op, sent_q[i]);
+        pccl__coll_op *op = sent_q[i]->owner;
+        op->vt->sent(op, sent_q[i]);
     }
     sent_n = 0;
 }
@@ -165,7 +171,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         rank_fini(&s);
         return 0;
     }
-    expected_recvs = s.op.recvs_left;
+    expected_recvs = s.ring.recvs_left;
     nbytes = c.count * esizes[c.dtype];
     orig = malloc(nbytes);
     if (orig == NULL) {
@@ -185,8 +191,8 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     conn.scratch = scratch;
     conn.scratch_len = PCCL_MIN_SLICE_BYTES;
     sent_n = 0;
-    pccl__ring_op_begin(&s.op, emit_sent, &s.op);
-    flush_sent(&s.op);
+    s.op->vt->begin(s.op, emit_sent, NULL);
+    flush_sent();
 
     for (;;) {
         size_t moved = 0;
@@ -209,21 +215,21 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                     rv = PCCL_EPROTO; /* the engine's epoch check */
                     break;
                 }
-                if ((rv = pccl__ring_op_accept(&s.op, &conn.rh, conn.scratch, conn.scratch_len,
-                                               &dst, &len, &unit)) != PCCL_OK) {
+                if ((rv = s.op->vt->accept(s.op, conn.index, &conn.rh, conn.scratch,
+                                           conn.scratch_len, &dst, &len, &unit)) != PCCL_OK) {
                     break;
                 }
-                pccl__conn_expect(&conn, dst, len, &s.op, unit);
+                pccl__conn_expect(&conn, dst, len, s.op, unit);
             }
         } else {
             if ((rv = pccl__conn_recv_payload(&conn, &done, &moved)) != PCCL_OK) {
                 break;
             }
             if (done) {
-                pccl__ring_op_received(&s.op, conn.runit, &conn.rh, conn.scratch, emit_sent,
-                                       &s.op);
-                flush_sent(&s.op);
-                if (pccl__ring_op_done(&s.op)) {
+                pccl__coll_op *op = conn.rop;
+                op->vt->received(op, conn.runit, &conn.rh, conn.scratch, emit_sent, NULL);
+                flush_sent();
+                if (op->vt->done(op)) {
                     break;
                 }
             }
@@ -236,12 +242,12 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (rv != PCCL_OK && rv != PCCL_EPROTO && rv != PCCL_EPEERLOST) {
         __builtin_trap();
     }
-    if (s.op.recvs_left > expected_recvs) {
+    if (s.ring.recvs_left > expected_recvs) {
         __builtin_trap();
     }
-    if (s.dst == s.src && !pccl__ring_op_done(&s.op)) {
+    if (s.dst == s.src && !s.op->vt->done(s.op)) {
         /* Failed in place: the input comes back bit for bit. */
-        pccl__ring_op_restore(&s.op);
+        s.op->vt->restore(s.op);
         if (memcmp(s.src, orig, nbytes) != 0) {
             __builtin_trap();
         }
@@ -322,7 +328,7 @@ simulate(const uint8_t cfgb[4], const char *path)
     }
     append(&m, cfgb, 4);
     for (r = 0; r < c.world; r++) {
-        pccl__ring_op_begin(&m.ranks[r].op, sim_emit, (void *)(uintptr_t)r);
+        m.ranks[r].op->vt->begin(m.ranks[r].op, sim_emit, (void *)(uintptr_t)r);
     }
     while (m.qhead < m.qtail) {
         uint32_t from = m.q[m.qhead].from, to = (from + 1) % c.world;
@@ -337,18 +343,18 @@ simulate(const uint8_t cfgb[4], const char *path)
             append(&m, f->payload, f->len);
         }
         if (pccl__frame_decode(f->hdr, sizeof(f->hdr), &h) != PCCL_OK ||
-            pccl__ring_op_accept(&m.ranks[to].op, &h, scratch, PCCL_MIN_SLICE_BYTES, &dst,
-                                 &len, &unit) != PCCL_OK) {
+            m.ranks[to].op->vt->accept(m.ranks[to].op, 0, &h, scratch, PCCL_MIN_SLICE_BYTES,
+                                       &dst, &len, &unit) != PCCL_OK) {
             fprintf(stderr, "seed simulation: frame rejected\n");
             return -1;
         }
         memcpy(dst, f->payload, len);
-        pccl__ring_op_sent(&m.ranks[from].op, f);
-        pccl__ring_op_received(&m.ranks[to].op, unit, &h, scratch, sim_emit,
-                               (void *)(uintptr_t)to);
+        m.ranks[from].op->vt->sent(m.ranks[from].op, f);
+        m.ranks[to].op->vt->received(m.ranks[to].op, unit, &h, scratch, sim_emit,
+                                     (void *)(uintptr_t)to);
     }
     for (r = 0; r < c.world; r++) {
-        ok |= !pccl__ring_op_done(&m.ranks[r].op);
+        ok |= !m.ranks[r].op->vt->done(m.ranks[r].op);
         rank_fini(&m.ranks[r]);
     }
     if ((fp = fopen(path, "wb")) == NULL) {

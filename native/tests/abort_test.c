@@ -16,24 +16,27 @@
 
 enum { N = 1 << 16 };
 
+/* A thread that aborts (or closes) comm once a gate has seen n events:
+ * the ops it must interrupt have been submitted, and, with a predicate,
+ * once that also holds.  No sleeps: every wait is on a condition with a
+ * deadline. */
 typedef struct delayed {
     pccl_comm *comm;
-    int ms;
+    tu_gate *gate;
+    int n;
+    int (*ready)(void *);   /* NULL, or polled until it returns 1 */
+    void *ready_arg;
     int do_close;
 } delayed;
-
-static void
-sleep_ms(int ms)
-{
-    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
-    nanosleep(&ts, NULL);
-}
 
 static void *
 delayed_main(void *p)
 {
     delayed *d = p;
-    sleep_ms(d->ms);
+    tu_gate_wait(d->gate, d->n, 10000);
+    if (d->ready != NULL) {
+        TU_WAIT_UNTIL(d->ready(d->ready_arg), 10000);
+    }
     if (d->do_close) {
         CHECK_OK(pccl_comm_close(d->comm));
     } else {
@@ -43,14 +46,35 @@ delayed_main(void *p)
 }
 
 static pthread_t
-later(delayed *d, pccl_comm *comm, int ms, int do_close)
+later(delayed *d, pccl_comm *comm, tu_gate *gate, int n, int do_close)
 {
     pthread_t t;
     d->comm = comm;
-    d->ms = ms;
+    d->gate = gate;
+    d->n = n;
+    d->ready = NULL;
+    d->ready_arg = NULL;
     d->do_close = do_close;
     CHECK(pthread_create(&t, NULL, delayed_main, d) == 0);
     return t;
+}
+
+/* An all-reduce that says on gate when it has been submitted, then waits
+ * for it (what pccl_comm_all_reduce does, with a signal in between). */
+static pccl_result
+all_reduce_signalled(pccl_comm *comm, const float *src, float *dst, size_t count,
+                     int32_t timeout_ms, tu_gate *gate)
+{
+    pccl_op_handle *h;
+    pccl_result rv = pccl_comm_all_reduce_start(comm, src, dst, count, PCCL_FLOAT32, PCCL_SUM,
+                                                PCCL_QUANT_NONE, 0, &h);
+    if (rv != PCCL_OK) {
+        return rv;
+    }
+    tu_gate_add(gate);
+    rv = pccl_op_wait(h, timeout_ms, NULL);
+    CHECK_OK(pccl_op_free(h));
+    return rv;
 }
 
 static float *
@@ -108,8 +132,11 @@ expect_broken(pccl_comm *comm)
             fprintf(stderr, "expect_broken: %s\n", pccl_strerror(rv));
             exit(1);
         }
-        CHECK(ru_now_ms() - t0 < 5000);
-        sleep_ms(5);
+        CHECK(ru_now_ms() - t0 < 5000); /* retried until the break shows */
+        {
+            struct timespec ts = {0, 5000000L};
+            nanosleep(&ts, NULL);
+        }
     }
 }
 
@@ -123,16 +150,18 @@ abort_wakes(int inplace)
     delayed d;
     pthread_t t;
     uint64_t t0;
+    tu_gate gate;
 
+    tu_gate_init(&gate);
     ru_create(&cl, 2, NULL);
-    /* rank 1 never joins the op, so rank 0 blocks */
-    t = later(&d, cl.comm[0], 200, 0);
+    /* rank 1 never joins the op, so rank 0 blocks; abort once it is in */
+    t = later(&d, cl.comm[0], &gate, 1, 0);
     t0 = ru_now_ms();
-    CHECK_RV(pccl_comm_all_reduce(cl.comm[0], src, inplace ? src : dst, N, PCCL_FLOAT32,
-                                  PCCL_SUM, PCCL_QUANT_NONE, 0, 20000, NULL),
+    CHECK_RV(all_reduce_signalled(cl.comm[0], src, inplace ? src : dst, N, 20000, &gate),
              PCCL_EABORTED);
     CHECK(ru_now_ms() - t0 < 3000);
     pthread_join(t, NULL);
+    tu_gate_fini(&gate);
     CHECK(memcmp(src, orig, N * sizeof(float)) == 0);
     /* rank 0's ring is broken; rank 1 sees its links close. */
     expect_broken(cl.comm[0]);
@@ -153,16 +182,41 @@ typedef struct restore_arg {
     ru_cluster *cl;
     float *src[2];
     float *orig[2];
+    tu_gate gate;           /* both ops submitted */
+    int written;            /* rank 1's tensor was seen written (atomic) */
 } restore_arg;
+
+/* Rank 1 has reduced rank 0's first slices into its tensor (read while
+ * the engine may write it: only ever compared, never relied on). */
+static int
+rank1_written(void *arg)
+{
+    restore_arg *a = arg;
+    /* Latched: once one rank aborts, rank 1's op fails and its tensor is
+     * put back, while the other aborter may not have looked yet. */
+    if (!__atomic_load_n(&a->written, __ATOMIC_ACQUIRE) &&
+        memcmp(a->src[1], a->orig[1], N * sizeof(float)) != 0) {
+        __atomic_store_n(&a->written, 1, __ATOMIC_RELEASE);
+    }
+    return __atomic_load_n(&a->written, __ATOMIC_ACQUIRE);
+}
 
 static void
 restore_rank(uint32_t r, void *arg)
 {
     restore_arg *a = arg;
     delayed d;
-    pthread_t t = later(&d, a->cl->comm[r], 200, 0);
-    pccl_result rv = pccl_comm_all_reduce(a->cl->comm[r], a->src[r], a->src[r], N, PCCL_FLOAT32,
-                                          PCCL_SUM, PCCL_QUANT_NONE, 0, 20000, NULL);
+    pthread_t t;
+    pccl_result rv;
+
+    d.comm = a->cl->comm[r];
+    d.gate = &a->gate;
+    d.n = 2;
+    d.ready = rank1_written; /* so that there is something to put back */
+    d.ready_arg = a;
+    d.do_close = 0;
+    CHECK(pthread_create(&t, NULL, delayed_main, &d) == 0);
+    rv = all_reduce_signalled(a->cl->comm[r], a->src[r], a->src[r], N, 20000, &a->gate);
 
     CHECK(rv == PCCL_EABORTED || rv == PCCL_EPEERLOST);
     pthread_join(t, NULL);
@@ -178,12 +232,15 @@ inplace_restored(void)
 
     ru_create(&cl, 3, NULL);
     a.cl = &cl;
+    a.written = 0;
+    tu_gate_init(&a.gate);
     for (r = 0; r < 2; r++) {
         a.src[r] = make_input(r + 1);
         a.orig[r] = make_input(r + 1);
     }
     ru_parallel(2, restore_rank, &a);
     ru_destroy(&cl);
+    tu_gate_fini(&a.gate);
     for (r = 0; r < 2; r++) {
         free(a.src[r]);
         free(a.orig[r]);
@@ -199,6 +256,7 @@ typedef struct closing_arg {
     float *orig[8];
     float *dst[8];
     size_t count;
+    tu_gate gate;           /* ops submitted */
 } closing_arg;
 
 static void
@@ -209,24 +267,26 @@ closing_rank(uint32_t r, void *arg)
     uint64_t t0;
 
     if (r == c->victim) {
+        uint32_t others = c->cl->world - 1;
         if (c->idle_victim) {
-            sleep_ms(150);
+            /* close once the others are in their op */
+            tu_gate_wait(&c->gate, (int)others, 10000);
             CHECK_OK(pccl_comm_close(c->cl->comm[r]));
             return;
         }
         {
+            /* close once every op, its own included, is in */
             delayed d;
-            pthread_t t = later(&d, c->cl->comm[r], 30, 1);
-            rv = pccl_comm_all_reduce(c->cl->comm[r], c->src[r], c->dst[r], c->count,
-                                      PCCL_FLOAT32, PCCL_SUM, PCCL_QUANT_NONE, 0, 20000, NULL);
+            pthread_t t = later(&d, c->cl->comm[r], &c->gate, (int)others + 1, 1);
+            rv = all_reduce_signalled(c->cl->comm[r], c->src[r], c->dst[r], c->count, 20000,
+                                      &c->gate);
             CHECK(rv == PCCL_ECLOSED || rv == PCCL_OK);
             pthread_join(t, NULL);
         }
         return;
     }
     t0 = ru_now_ms();
-    rv = pccl_comm_all_reduce(c->cl->comm[r], c->src[r], c->dst[r], c->count, PCCL_FLOAT32,
-                              PCCL_SUM, PCCL_QUANT_NONE, 0, 20000, NULL);
+    rv = all_reduce_signalled(c->cl->comm[r], c->src[r], c->dst[r], c->count, 20000, &c->gate);
     if (c->idle_victim) {
         CHECK_RV(rv, PCCL_EPEERLOST);
     } else {
@@ -249,6 +309,7 @@ neighbour_closed(uint32_t world, int idle_victim, size_t count)
     c.victim = world - 1;
     c.idle_victim = idle_victim;
     c.count = count;
+    tu_gate_init(&c.gate);
     for (r = 0; r < world; r++) {
         c.src[r] = malloc(count * sizeof(float));
         c.orig[r] = malloc(count * sizeof(float));
@@ -263,6 +324,7 @@ neighbour_closed(uint32_t world, int idle_victim, size_t count)
         free(c.dst[r]);
     }
     ru_destroy(&cl);
+    tu_gate_fini(&c.gate);
 }
 
 /* The progress timeout ends an op whose neighbour never takes part; a
@@ -330,6 +392,19 @@ timeouts(void)
     free(dst1);
 }
 
+/* Is a set_ring running on comm?  An op started meanwhile says ESTATE
+ * (and starts nothing); before, the ring was broken (ERINGBROKEN) or a
+ * world of one (the op just runs). */
+static int
+setting_up(pccl_comm *comm)
+{
+    float v = 1;
+    pccl_result rv =
+        pccl_comm_all_reduce(comm, &v, &v, 1, PCCL_FLOAT32, PCCL_SUM, PCCL_QUANT_NONE, 0, -1, NULL);
+    CHECK(rv == PCCL_ESTATE || rv == PCCL_ERINGBROKEN || rv == PCCL_OK);
+    return rv == PCCL_ESTATE;
+}
+
 /* set_ring that cannot complete: timeout, refused, abort, close. */
 typedef struct setring_arg {
     pccl_comm *comm;
@@ -356,7 +431,6 @@ set_ring_failures(void)
     char addr_b[PCCL_ADDRSTRLEN], addr_a[PCCL_ADDRSTRLEN];
     setring_arg s;
     pthread_t t;
-    delayed d;
     uint64_t t0;
 
     CHECK_OK(pccl_comm_config_init(&cfg));
@@ -397,10 +471,8 @@ set_ring_failures(void)
     s.rc.timeout_ms = 20000;
     s.rc.epoch = 3;
     CHECK(pthread_create(&t, NULL, setring_main, &s) == 0);
-    {
-        pthread_t t2 = later(&d, a, 150, 0);
-        pthread_join(t2, NULL);
-    }
+    TU_WAIT_UNTIL(setting_up(a), 10000);
+    CHECK_OK(pccl_comm_abort(a));
     pthread_join(t, NULL);
     CHECK_RV(s.rv, PCCL_EABORTED);
     CHECK(s.ms < 3000);
@@ -426,10 +498,8 @@ set_ring_failures(void)
     /* close wakes a set_ring in progress */
     s.rc.epoch = 5;
     CHECK(pthread_create(&t, NULL, setring_main, &s) == 0);
-    {
-        pthread_t t2 = later(&d, a, 150, 1);
-        pthread_join(t2, NULL);
-    }
+    TU_WAIT_UNTIL(setting_up(a), 10000);
+    CHECK_OK(pccl_comm_close(a));
     pthread_join(t, NULL);
     CHECK_RV(s.rv, PCCL_ECLOSED);
     CHECK(s.ms < 3000);
@@ -496,13 +566,14 @@ close_wakes(void)
     float *src = make_input(4), *orig = make_input(4);
     delayed d;
     pthread_t t;
+    tu_gate gate;
 
+    tu_gate_init(&gate);
     ru_create(&cl, 2, NULL);
-    t = later(&d, cl.comm[0], 100, 1);
-    CHECK_RV(pccl_comm_all_reduce(cl.comm[0], src, src, N, PCCL_FLOAT32, PCCL_SUM,
-                                  PCCL_QUANT_NONE, 0, 20000, NULL),
-             PCCL_ECLOSED);
+    t = later(&d, cl.comm[0], &gate, 1, 1);
+    CHECK_RV(all_reduce_signalled(cl.comm[0], src, src, N, 20000, &gate), PCCL_ECLOSED);
     pthread_join(t, NULL);
+    tu_gate_fini(&gate);
     CHECK(memcmp(src, orig, N * sizeof(float)) == 0);
     expect_broken(cl.comm[1]);
     ru_destroy(&cl);

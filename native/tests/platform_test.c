@@ -42,7 +42,9 @@ addresses(void)
     CHECK_RV(pccl__addr_format(&a, buf, 5), PCCL_EINVAL);
 }
 
-static void
+/* Returns 0, or 77 (a skip, for CTest) when listen_at is an IPv6
+ * address this host does not have. */
+static int
 sockets(const char *listen_at, const char *bind_at)
 {
     pccl__sockaddr a, b, bound;
@@ -59,7 +61,7 @@ sockets(const char *listen_at, const char *bind_at)
     if (pccl__addr_parse(listen_at, 1, &a) != 0 || pccl__sock_listen(&a, &lfd) != 0) {
         CHECK(strchr(listen_at, '[') != NULL); /* only IPv6 may be missing */
         fprintf(stderr, "skipping %s: no such address here\n", listen_at);
-        return;
+        return 77;
     }
     CHECK_OK(pccl__sock_local_addr(lfd, &bound));
     CHECK_OK(pccl__addr_format(&bound, buf, sizeof(buf)));
@@ -124,6 +126,7 @@ sockets(const char *listen_at, const char *bind_at)
         CHECK_RV(pccl__sock_connect(&bound, &b, pccl__deadline_ms(2000), -1, &cfd), PCCL_EADDR);
     }
     pccl__event_fini(&wake);
+    return 0;
 }
 
 static void
@@ -213,11 +216,16 @@ threads(void)
 }
 
 int
-main(void)
+main(int argc, char **argv)
 {
+    if (argc > 1 && strcmp(argv[1], "ipv6") == 0) {
+        /* its own CTest entry, so that a host without IPv6 reports a skip */
+        int rv = sockets("[::1]:0", "::1");
+        fprintf(stderr, "platform_test ipv6 %s\n", rv == 0 ? "ok" : "skipped");
+        return rv;
+    }
     addresses();
-    sockets("127.0.0.1:0", "127.0.0.1");
-    sockets("[::1]:0", "::1");
+    CHECK(sockets("127.0.0.1:0", "127.0.0.1") == 0);
     poller();
     threads();
     fprintf(stderr, "platform_test ok\n");

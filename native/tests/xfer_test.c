@@ -5,10 +5,13 @@
  * much arrived), malformed replies and requests, unpublish cutting off a
  * send in flight, close waking a blocked fetch, and concurrent fetches.
  */
+#include <netinet/in.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
 
 #include "net/frame.h"
 #include "net/link.h"
@@ -132,7 +135,47 @@ typedef struct fake_server {
     uint64_t send;          /* payload bytes it really sends */
     pccl__event stop;
     pthread_t thread;
+    int cfd;                /* its end of the connection, once served */
+    tu_gate served;         /* reply and payload written */
 } fake_server;
+
+/* Bytes waiting to be read on fd, and bytes written on fd the peer has
+ * not acknowledged yet. */
+static int
+inq(int fd)
+{
+    int n = -1;
+    CHECK(ioctl(fd, FIONREAD, &n) == 0);
+    return n;
+}
+
+static int
+outq(int fd)
+{
+    int n = -1;
+    CHECK(ioctl(fd, TIOCOUTQ, &n) == 0);
+    return n;
+}
+
+/* The descriptor of this process that is the other end of TCP socket fd
+ * (a connection from one part of the test to another), or -1. */
+static int
+other_end(int fd)
+{
+    struct sockaddr_storage peer, mine;
+    socklen_t pl = sizeof(peer), ml;
+    int i;
+
+    CHECK(getpeername(fd, (struct sockaddr *)&peer, &pl) == 0);
+    for (i = 0; i < 4096; i++) {
+        ml = sizeof(mine);
+        if (i != fd && getsockname(i, (struct sockaddr *)&mine, &ml) == 0 && ml == pl &&
+            memcmp(&mine, &peer, pl) == 0) {
+            return i;
+        }
+    }
+    return -1;
+}
 
 static void *
 fake_main(void *p)
@@ -165,6 +208,8 @@ fake_main(void *p)
             break;
         }
     }
+    f->cfd = fd;
+    tu_gate_add(&f->served);
     if (f->mode == FAKE_STALL) {
         /* Hold the connection open, silent, until told to stop. */
         (void)pccl__sock_wait(f->stop.fd, 0, pccl__deadline_ms(20000), -1);
@@ -182,6 +227,8 @@ fake_start(fake_server *f, int mode, uint64_t announce, uint64_t send)
     f->mode = mode;
     f->announce = announce;
     f->send = send;
+    f->cfd = -1;
+    tu_gate_init(&f->served);
     CHECK_OK(pccl__event_init(&f->stop));
     CHECK_OK(pccl__addr_parse("127.0.0.1:0", 1, &a));
     CHECK_OK(pccl__sock_listen(&a, &f->lfd));
@@ -197,6 +244,7 @@ fake_stop(fake_server *f)
     CHECK(pthread_join(f->thread, NULL) == 0);
     pccl__sock_close(f->lfd);
     pccl__event_fini(&f->stop);
+    tu_gate_fini(&f->served);
 }
 
 static void
@@ -282,7 +330,16 @@ test_close_wakes_fetch(void)
     a.dst = dst;
     a.timeout_ms = -1; /* only close can end it */
     CHECK(pthread_create(&t, NULL, fetch_main, &a) == 0);
-    pccl__sleep_ms(200);
+    /* Close once the fetch has read all the server sent and waits for
+     * more: the reply and 100 bytes written, acknowledged by the client's
+     * kernel, and read by the client (its socket's queue empty). */
+    tu_gate_wait(&f.served, 1, 10000);
+    TU_WAIT_UNTIL(outq(f.cfd) == 0, 10000);
+    {
+        int cli_fd = other_end(f.cfd);
+        CHECK(cli_fd >= 0);
+        TU_WAIT_UNTIL(inq(cli_fd) == 0, 10000);
+    }
     t0 = pccl__clock_ms();
     CHECK_OK(pccl_comm_close(cli));
     CHECK(pthread_join(t, NULL) == 0);
@@ -362,7 +419,9 @@ test_unpublish_cuts_off_sends(void)
 
     CHECK_OK(pccl_comm_publish(srv, 5, src, n));
     fd = raw_request(sa, 0x51584350, 5, 0, n); /* and then do not read */
-    pccl__sleep_ms(200);                      /* the server fills the socket */
+    /* The server is sending: payload bytes (beyond the 24-byte reply) have
+     * arrived; it fills the socket buffers and blocks. */
+    TU_WAIT_UNTIL(inq(fd) > 24, 10000);
     t0 = pccl__clock_ms();
     CHECK_OK(pccl_comm_unpublish(srv, 5, &tx));
     CHECK(pccl__clock_ms() - t0 < 2000); /* the blocked send was cut off */

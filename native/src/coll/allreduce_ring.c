@@ -58,7 +58,7 @@
  *     reduce-scatter saves the slices it writes while it reduces them
  *     (block by block, so the local operand is read from memory once);
  *     chunk r, first written by the all-gather, is copied ahead of time
- *     by the waiting thread (pccl__ring_op_save) while the network is
+ *     by the waiting thread (the interface's assist) while the network is
  *     busy, or by the engine if it gets there first.  A per-slice atomic
  *     state (not saved / being copied / claimed for the fused save /
  *     saved) settles who copies.  In place, dst aliases src: the
@@ -82,7 +82,6 @@
 #include "coll/allreduce_ring.h"
 #include "coll/kernels.h"
 #include "coll/quant.h"
-#include "platform/plat.h"
 
 /* Backup state of one slice (in-place operations): not saved, being
  * copied by some thread, claimed by the engine to be saved by the reduce
@@ -193,8 +192,10 @@ pccl__ring_op_init(pccl__ring_op *o, const pccl__ring_geom *g, const void *src, 
     o->dtype = dtype;
     o->op = op;
     o->quant = quant;
-    o->tag = tag;
-    o->seq = seq;
+    o->base.vt = &pccl__allreduce_ring_vt;
+    o->base.tag = tag;
+    o->base.seq = seq;
+    o->base.world = g->world;
     o->g = *g;
     (void)pccl_dtype_size(dtype, &o->esize);
     if (count == 0) {
@@ -258,19 +259,36 @@ pccl__ring_op_init(pccl__ring_op *o, const pccl__ring_geom *g, const void *src, 
     }
     if (dst == src) {
         o->backup = backup_buf;
+        o->base.assist = backup_buf != NULL;
     }
     return PCCL_OK;
 }
 
-void
-pccl__ring_op_fini(pccl__ring_op *o)
+/* The vtable's functions get the base; the op is the struct around it. */
+static pccl__ring_op *
+ring_of(pccl__coll_op *b)
 {
+    return (pccl__ring_op *)(void *)b;
+}
+
+static const pccl__ring_op *
+cring_of(const pccl__coll_op *b)
+{
+    return (const pccl__ring_op *)(const void *)b;
+}
+
+static void
+ring_fini(pccl__coll_op *b)
+{
+    pccl__ring_op *o = ring_of(b);
+
     free(o->mem);
     o->mem = NULL;
 }
 
-int
-pccl__ring_op_expects_on(const pccl__ring_op *o, uint32_t conn_index)
+/* A unit not yet received is scheduled on inbound connection conn_index. */
+static int
+expects_on(const pccl__ring_op *o, uint32_t conn_index)
 {
     uint32_t t, j;
 
@@ -289,9 +307,19 @@ pccl__ring_op_expects_on(const pccl__ring_op *o, uint32_t conn_index)
     return 0;
 }
 
-int
-pccl__ring_op_done(const pccl__ring_op *o)
+static int
+ring_needs_conn(const pccl__coll_op *b, uint32_t conn_index, int outbound)
 {
+    const pccl__ring_op *o = cring_of(b);
+
+    return outbound ? o->sends_left > 0 : expects_on(o, conn_index);
+}
+
+static int
+ring_done(const pccl__coll_op *b)
+{
+    const pccl__ring_op *o = cring_of(b);
+
     return o->sends_left == 0 && o->recvs_left == 0;
 }
 
@@ -329,7 +357,7 @@ try_save(pccl__ring_op *o, uint32_t c, uint32_t j)
 
 /* Engine: slice j of chunk c is about to be written at step t.  A
  * reduce-scatter slice (t < n-1) is claimed for the fused save in
- * pccl__ring_op_received (the payload lands in scratch, so dst is not
+ * ring_received (the payload lands in scratch, so dst is not
  * written before that); any other is copied now unless done already. */
 static void
 ensure_saved(pccl__ring_op *o, uint32_t t, uint32_t c, uint32_t j)
@@ -373,9 +401,12 @@ reduce_saving(pccl__ring_op *o, uint8_t *out, const uint8_t *scratch, const uint
     }
 }
 
-int
-pccl__ring_op_save_next(pccl__ring_op *o)
+/* assist: save the next slice of chunk r (one slice copy at most);
+ * 0 once they are all saved. */
+static int
+ring_assist(pccl__coll_op *b)
 {
+    pccl__ring_op *o = ring_of(b);
     /* Only chunk r, which the engine first writes at all-gather step n-1
      * without reducing into it; the others are saved by the fused
      * reduce-scatter. */
@@ -389,16 +420,10 @@ pccl__ring_op_save_next(pccl__ring_op *o)
     return 0;
 }
 
-void
-pccl__ring_op_save(pccl__ring_op *o)
+static void
+ring_restore(pccl__coll_op *b)
 {
-    while (pccl__ring_op_save_next(o)) {
-    }
-}
-
-void
-pccl__ring_op_restore(pccl__ring_op *o)
-{
+    pccl__ring_op *o = ring_of(b);
     uint32_t c, j;
     size_t off, len;
 
@@ -430,8 +455,8 @@ send_unit(pccl__ring_op *o, uint32_t t, uint32_t j, pccl__emit_fn emit, void *ar
     memset(&h, 0, sizeof(h));
     h.kind = PCCL__FRAME_DATA;
     h.epoch = o->g.epoch;
-    h.tag = o->tag;
-    h.seq = o->seq;
+    h.tag = o->base.tag;
+    h.seq = o->base.seq;
     h.step = t;
     h.offset = off;
     h.count = (uint32_t)len;
@@ -454,15 +479,16 @@ send_unit(pccl__ring_op *o, uint32_t t, uint32_t j, pccl__emit_fn emit, void *ar
         f->len = (uint32_t)len;
     }
     h.length = f->len;
-    f->owner = o;
+    f->owner = &o->base;
     f->next = NULL;
     pccl__frame_encode(&h, f->hdr);
     emit(arg, (j + t) % o->g.nconns, f);
 }
 
-void
-pccl__ring_op_begin(pccl__ring_op *o, pccl__emit_fn emit, void *arg)
+static void
+ring_begin(pccl__coll_op *b, pccl__emit_fn emit, void *arg)
 {
+    pccl__ring_op *o = ring_of(b);
     uint32_t j, ns;
 
     if (o->nsteps == 0) {
@@ -474,13 +500,17 @@ pccl__ring_op_begin(pccl__ring_op *o, pccl__emit_fn emit, void *arg)
     }
 }
 
-pccl_result
-pccl__ring_op_accept(pccl__ring_op *o, const pccl__frame_header *h, uint8_t *scratch,
-                     size_t scratch_len, uint8_t **dst, size_t *len, uint32_t *unit)
+/* Which inbound connection a slice came on does not matter (the receiver
+ * places slices by offset), so conn_index is not checked. */
+static pccl_result
+ring_accept(pccl__coll_op *b, uint32_t conn_index, const pccl__frame_header *h,
+            uint8_t *scratch, size_t scratch_len, uint8_t **dst, size_t *len, uint32_t *unit)
 {
+    pccl__ring_op *o = ring_of(b);
     uint32_t c, j;
     size_t rel, want, u;
 
+    (void)conn_index;
     if (h->epoch != o->g.epoch || h->dtype != (uint8_t)o->dtype || h->op != (uint8_t)o->op ||
         h->quant != (uint8_t)o->quant || h->step >= o->nsteps) {
         return PCCL_EPROTO;
@@ -527,10 +557,11 @@ pccl__ring_op_accept(pccl__ring_op *o, const pccl__frame_header *h, uint8_t *scr
     return PCCL_OK;
 }
 
-void
-pccl__ring_op_received(pccl__ring_op *o, uint32_t unit, const pccl__frame_header *h,
-                       const uint8_t *scratch, pccl__emit_fn emit, void *arg)
+static void
+ring_received(pccl__coll_op *b, uint32_t unit, const pccl__frame_header *h,
+              const uint8_t *scratch, pccl__emit_fn emit, void *arg)
 {
+    pccl__ring_op *o = ring_of(b);
     uint32_t t = unit / o->max_slices;
     uint32_t j = unit % o->max_slices;
     uint32_t n = o->g.world;
@@ -574,15 +605,22 @@ pccl__ring_op_received(pccl__ring_op *o, uint32_t unit, const pccl__frame_header
         pccl__dequant(o->qbuf + off, len, o->qmin[gs], o->qscale[gs], o->dtype, out);
     }
     o->recvs_left--;
-    o->rx_bytes += PCCL__FRAME_HEADER_SIZE + (uint64_t)h->length;
+    o->base.rx_bytes += PCCL__FRAME_HEADER_SIZE + (uint64_t)h->length;
     if (t + 1 < o->nsteps) {
         send_unit(o, t + 1, j, emit, arg);
     }
 }
 
-void
-pccl__ring_op_sent(pccl__ring_op *o, const pccl__frame_out *f)
+static void
+ring_sent(pccl__coll_op *b, const pccl__frame_out *f)
 {
+    pccl__ring_op *o = ring_of(b);
+
     o->sends_left--;
-    o->tx_bytes += PCCL__FRAME_HEADER_SIZE + (uint64_t)f->len;
+    o->base.tx_bytes += PCCL__FRAME_HEADER_SIZE + (uint64_t)f->len;
 }
+
+const pccl__coll_vtable pccl__allreduce_ring_vt = {
+    "allreduce_ring", ring_begin,  ring_accept, ring_received, ring_sent,
+    ring_needs_conn,  ring_done,   ring_assist, ring_restore,  ring_fini,
+};

@@ -1,11 +1,26 @@
 /*
- * comm.h - the communicator's private structure, shared by comm.c (the
- * public API, ring setup, accept decisions) and engine.c (the I/O thread).
+ * comm.h - the communicator's private structure, shared by the files of
+ * the core:
+ *
+ *   comm.c        lifecycle: create, listen address, abort, close, free
+ *   ring_setup.c  pccl_comm_set_ring and the accept-side decisions
+ *   op_api.c      the public calls on operations: start, wait, free
+ *   engine.c      the I/O engine: moves the bytes of the ops in flight
+ *   op.c          op bookkeeping and the seq table (op.h)
+ *   bufcache.c    big buffers kept between ops (bufcache.h)
+ *   xfer.c        shared-state transfers
+ *
+ * Calls go one way: comm/ring_setup/op_api -> engine -> op; none of
+ * engine, op, bufcache calls back up (tools/include_graph.py checks the
+ * includes and the calls).
  *
  * Locking: comm->mtx protects every field marked (mtx).  Fields marked
- * (engine) belong to the engine thread alone.  Constant fields are set at
- * create and only read afterwards.  The engine takes the lock only to
- * pick up requests (after an eventfd wake-up) and to publish results.
+ * (progress) belong to whoever holds progress_lock: whoever holds it runs
+ * the engine (the engine thread, or a caller driving its own op in
+ * pccl__engine_drive), and only it touches the ring's sockets and the ops
+ * in flight.  Constant fields are set at create and only read afterwards.
+ * Lock order: progress_lock, then mtx; the engine takes mtx only to pick
+ * up requests and to publish results.
  */
 #ifndef PCCL_CORE_COMM_H
 #define PCCL_CORE_COMM_H
@@ -13,35 +28,14 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "coll/allreduce_ring.h"
+#include "coll/coll.h"
+#include "core/bufcache.h"
+#include "core/op.h"
 #include "net/conn.h"
 #include "net/link.h"
 #include "net/listener.h"
 #include "platform/plat.h"
 #include "pccl.h"
-
-enum pccl__op_state {
-    PCCL__OP_QUEUED = 0,  /* started, not yet picked up by the engine */
-    PCCL__OP_RUNNING = 1, /* in the engine */
-    PCCL__OP_DONE = 2     /* result set; the engine no longer touches it */
-};
-
-struct pccl_op_handle {
-    pccl_comm *comm;
-    pccl__ring_op ring;
-    uint64_t ring_gen;          /* the ring it was started on */
-    int state;                  /* (mtx) enum pccl__op_state */
-    int finished;               /* atomic mirror of state == DONE */
-    pccl_result result;         /* (mtx) valid when DONE */
-    int restored;               /* failed in place: input put back */
-    uint8_t *backup_buf;        /* from the comm's buffer cache, or NULL */
-    size_t backup_cap;
-    uint8_t *q_buf;
-    size_t q_cap;
-    struct pccl_op_handle *qnext;              /* (mtx) submit queue */
-    struct pccl_op_handle *anext, *aprev;      /* (mtx) active ops, by tag */
-    struct pccl_op_handle *enext, *eprev;      /* (engine) ops in flight */
-};
 
 enum pccl__ring_state {
     PCCL__RING_NONE = 0,    /* never set: ESTATE */
@@ -69,15 +63,6 @@ typedef struct pccl__parked_hello {
     uint64_t expiry;
     uint16_t status;        /* set_ring's verdict when it takes the hello */
 } pccl__parked_hello;
-
-/* tag -> number of ops started with it on the current ring. */
-typedef struct pccl__seq_table {
-    uint64_t *tags;
-    uint32_t *next;
-    uint8_t *used;
-    size_t cap;             /* power of two or 0 */
-    size_t n;
-} pccl__seq_table;
 
 enum pccl__slot_state {
     PCCL__SLOT_EMPTY = 0,
@@ -117,14 +102,11 @@ struct pccl_comm {
     uint32_t nhandles;           /* op handles not yet freed */
 
     /* big buffers of finished ops, kept for the next ones (mtx) */
-    struct {
-        uint8_t *p;
-        size_t size;
-    } cache[4];
+    pccl__bufcache bufcache;
 
     /* requests to the engine (mtx), signalled through engine_wake */
     pccl__event engine_wake;
-    pccl_op_handle *subq_head, *subq_tail;
+    pccl_op_handle *submit_head, *submit_tail;
     pccl_result req_break;       /* 0: none */
     pccl__ring_install *req_install;
     int engine_ring_live;        /* the engine holds a ring (dropped or not) */
@@ -134,7 +116,7 @@ struct pccl_comm {
     uint64_t ring_gen;
     pccl__ring_geom geom;
     pccl__seq_table seqs;
-    pccl_op_handle *active;      /* ops started and not done */
+    pccl_op_handle *active;      /* ops started and not done (active_next) */
     int has_ring_epoch;
     uint64_t last_epoch;
 
@@ -159,35 +141,24 @@ struct pccl_comm {
 
     /* the engine */
     pccl__thread engine;
-    pccl__mutex plock;           /* held by whoever drives the engine */
+    pccl__mutex progress_lock;   /* held by whoever runs the engine */
     pccl__poller poller;
-    /* (engine) */
-    pccl__ring_install *ering;   /* live ring or NULL */
-    pccl_op_handle *eops;        /* ops in flight */
+    /* (progress) */
+    pccl__ring_install *engine_ring; /* live ring or NULL */
+    pccl_op_handle *inflight_ops;    /* ops in flight (inflight_next) */
     uint64_t last_progress;
-    pccl_result efail;           /* failure found inside a callback */
+    pccl_result engine_fail;     /* failure found inside a callback */
     uint32_t nparked_conns;
     uint32_t nclosed_conns;      /* hung up by the peer, ops still draining */
-    uint32_t ndirty;             /* entries of ering->dirty in use */
+    uint32_t ndirty;             /* entries of engine_ring->dirty in use */
 };
 
-/* engine.c */
-pccl_result pccl__engine_start(pccl_comm *comm);
-void pccl__engine_join(pccl_comm *comm);
-/* pccl__engine_drive lets a thread about to wait for h run the engine
- * itself until h finishes or deadline passes, if the engine thread is
- * idle (plock free) and no requests other than ops are pending.  Returns
- * 0 when it did not (the caller then waits as usual; the engine thread
- * has been woken).  mtx not held. */
-int pccl__engine_drive(pccl_comm *comm, pccl_op_handle *h, uint64_t deadline);
-/* pccl__engine_wake signals the engine (caller may hold mtx). */
-void pccl__engine_wake(pccl_comm *comm);
+/* comm.c: frees the communicator's memory (pccl_comm_free, or the last
+ * pccl_op_free after it). */
+void pccl__comm_destroy(pccl_comm *comm);
 
-/* comm.c: used by the engine */
-/* pccl__seq_peek: ops started with tag on the current ring; mtx held. */
-uint32_t pccl__seq_peek(const pccl__seq_table *t, uint64_t tag);
-/* pccl__op_finish marks op done with rv and wakes waiters; mtx held. */
-void pccl__op_finish_locked(pccl_comm *comm, pccl_op_handle *op, pccl_result rv);
+/* ring_setup.c: what the accept thread asks about each hello. */
+extern const pccl__listener_ops pccl__ring_setup_listener_ops;
 
 /* xfer.c */
 /* pccl__xfer_init / fini: the transfer part of create and destroy. */

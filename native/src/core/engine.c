@@ -1,19 +1,27 @@
 /*
- * engine.c - the I/O thread of a communicator.
+ * engine.c - the I/O engine of a communicator.
  *
- * One thread per communicator waits in epoll on every socket of the
- * current ring and on one eventfd.  Callers never touch sockets: they put
- * requests (ops to start, a ring to install, a break, close) under the
- * mutex and signal the eventfd.  The thread never busy-polls: it sleeps
- * until a socket is ready, a request arrives, or the progress deadline of
- * the ops in flight passes.
+ * Whoever holds comm->progress_lock runs the engine: the engine thread
+ * (one per communicator), or a thread blocked in pccl_op_wait that found
+ * the engine idle and drives its own op (pccl__engine_drive), which saves
+ * a thread hand-off per blocking all-reduce.  Only the holder touches the
+ * ring's sockets, the ops in flight and the other (progress) fields of
+ * comm.h.  Other threads put requests (ops to start, a ring to install, a
+ * break, close) under comm->mtx and signal the wake-up eventfd.  The
+ * engine never busy-polls: it sleeps in epoll until a socket is ready, a
+ * request arrives, or the progress deadline of the ops in flight passes.
+ * Lock order: progress_lock, then mtx.
+ *
+ * The engine knows connections, not collectives: it calls each op only
+ * through the operation interface (coll/coll.h: begin, accept, received,
+ * sent, needs_conn, done, assist) and matches frames to ops by (tag, seq).
  *
  * Data path per readiness event:
  *   inbound connection readable -> read a header, find the op by (tag,
- *   seq), let the op check it and say where the payload goes, read the
- *   payload there, let the op reduce/forward it (emit queues the next
- *   frame on an outbound connection), then flush the outbound queues with
- *   writev.  An outbound connection becomes writable -> continue its
+ *   seq), let the op check it and say where the payload goes (accept),
+ *   read the payload there, let the op process it (received; its emit
+ *   queues the next frame on an outbound connection), then flush the
+ *   outbound queues with writev.  An outbound connection becomes writable -> continue its
  *   queue.  No allocation happens on this path.
  *
  * Failure: any error on a connection, a bad frame, the progress timeout,
@@ -31,6 +39,8 @@
 #include <string.h>
 
 #include "core/comm.h"
+#include "core/engine.h"
+#include "core/op.h"
 
 enum {
     RX_BUDGET = 8u << 20  /* bytes read from one connection per event */
@@ -42,8 +52,8 @@ static void hung_up(pccl_comm *comm, pccl__conn *c);
 static void
 fail(pccl_comm *comm, pccl_result rv)
 {
-    if (comm->efail == 0) {
-        comm->efail = rv;
+    if (comm->engine_fail == 0) {
+        comm->engine_fail = rv;
     }
 }
 
@@ -65,8 +75,10 @@ set_interest(pccl_comm *comm, pccl__conn *c, uint32_t want)
 static void
 sent_cb(void *arg, pccl__frame_out *f)
 {
+    pccl__coll_op *op = f->owner;
+
     (void)arg;
-    pccl__ring_op_sent(f->owner, f);
+    op->vt->sent(op, f);
 }
 
 static void
@@ -93,7 +105,7 @@ static void
 emit_cb(void *arg, uint32_t idx, pccl__frame_out *f)
 {
     pccl_comm *comm = arg;
-    pccl__conn *c = &comm->ering->out[idx];
+    pccl__conn *c = &comm->engine_ring->out[idx];
 
     pccl__conn_enqueue(c, f);
     if (c->peer_closed) {
@@ -103,7 +115,7 @@ emit_cb(void *arg, uint32_t idx, pccl__frame_out *f)
     /* Waiting for POLLOUT: the event flushes it.  Otherwise flush soon. */
     if (!c->dirty && !(c->interest & PCCL__POLL_OUT)) {
         c->dirty = 1;
-        comm->ering->dirty[comm->ndirty++] = c;
+        comm->engine_ring->dirty[comm->ndirty++] = c;
     }
 }
 
@@ -112,7 +124,7 @@ flush_dirty(pccl_comm *comm)
 {
     uint32_t i;
     for (i = 0; i < comm->ndirty; i++) {
-        pccl__conn *c = comm->ering->dirty[i];
+        pccl__conn *c = comm->engine_ring->dirty[i];
         c->dirty = 0;
         flush(comm, c);
     }
@@ -123,8 +135,8 @@ static pccl_op_handle *
 find_op(pccl_comm *comm, uint64_t tag, uint32_t seq)
 {
     pccl_op_handle *op;
-    for (op = comm->eops; op != NULL; op = op->enext) {
-        if (op->ring.tag == tag && op->ring.seq == seq) {
+    for (op = comm->inflight_ops; op != NULL; op = op->inflight_next) {
+        if (op->op->tag == tag && op->op->seq == seq) {
             return op;
         }
     }
@@ -135,7 +147,7 @@ static void
 finish_ops(pccl_comm *comm, pccl_op_handle *list, pccl_result rv)
 {
     while (list != NULL) {
-        pccl_op_handle *next = list->qnext;
+        pccl_op_handle *next = list->queue_next;
         pccl__op_finish_locked(comm, list, rv);
         list = next;
     }
@@ -154,12 +166,12 @@ try_unpark(pccl_comm *comm, pccl__conn *c)
     if (op == NULL) {
         return;
     }
-    if ((rv = pccl__ring_op_accept(&op->ring, &c->rh, c->scratch, c->scratch_len, &dst, &len,
-                                   &unit)) != 0) {
+    if ((rv = op->op->vt->accept(op->op, c->index, &c->rh, c->scratch, c->scratch_len, &dst,
+                                 &len, &unit)) != 0) {
         fail(comm, rv);
         return;
     }
-    pccl__conn_expect(c, dst, len, &op->ring, unit);
+    pccl__conn_expect(c, dst, len, op->op, unit);
     comm->nparked_conns--;
     set_interest(comm, c, PCCL__POLL_IN);
 }
@@ -171,30 +183,30 @@ start_ops(pccl_comm *comm, pccl_op_handle *list)
 
     while (list != NULL) {
         pccl_op_handle *op = list;
-        list = list->qnext;
-        op->qnext = NULL;
-        if (comm->ering == NULL || op->ring_gen != comm->ering->gen) {
+        list = list->queue_next;
+        op->queue_next = NULL;
+        if (comm->engine_ring == NULL || op->ring_gen != comm->engine_ring->gen) {
             pccl__mutex_lock(&comm->mtx);
             pccl__op_finish_locked(comm, op, PCCL_ERINGBROKEN);
             pccl__cond_broadcast(&comm->cv);
             pccl__mutex_unlock(&comm->mtx);
             continue;
         }
-        if (comm->eops == NULL) {
+        if (comm->inflight_ops == NULL) {
             comm->last_progress = pccl__clock_ns();
         }
-        op->eprev = NULL;
-        op->enext = comm->eops;
-        if (comm->eops != NULL) {
-            comm->eops->eprev = op;
+        op->inflight_prev = NULL;
+        op->inflight_next = comm->inflight_ops;
+        if (comm->inflight_ops != NULL) {
+            comm->inflight_ops->inflight_prev = op;
         }
-        comm->eops = op;
-        pccl__ring_op_begin(&op->ring, emit_cb, comm);
+        comm->inflight_ops = op;
+        op->op->vt->begin(op->op, emit_cb, comm);
     }
-    if (comm->nparked_conns > 0 && comm->ering != NULL) {
-        for (k = 0; k < comm->ering->nlinks; k++) {
-            if (comm->ering->in[k].rstate == PCCL__RX_PARKED) {
-                try_unpark(comm, &comm->ering->in[k]);
+    if (comm->nparked_conns > 0 && comm->engine_ring != NULL) {
+        for (k = 0; k < comm->engine_ring->nlinks; k++) {
+            if (comm->engine_ring->in[k].rstate == PCCL__RX_PARKED) {
+                try_unpark(comm, &comm->engine_ring->in[k]);
             }
         }
     }
@@ -207,8 +219,8 @@ pull_ops(pccl_comm *comm, uint64_t tag, uint32_t *started)
     pccl_op_handle *list;
 
     pccl__mutex_lock(&comm->mtx);
-    list = comm->subq_head;
-    comm->subq_head = comm->subq_tail = NULL;
+    list = comm->submit_head;
+    comm->submit_head = comm->submit_tail = NULL;
     *started = pccl__seq_peek(&comm->seqs, tag);
     pccl__mutex_unlock(&comm->mtx);
     start_ops(comm, list);
@@ -224,14 +236,14 @@ dispatch(pccl_comm *comm, pccl__conn *c)
     uint32_t unit, started;
     pccl_result rv;
 
-    if (c->rh.epoch != comm->ering->geom.epoch) {
+    if (c->rh.epoch != comm->engine_ring->geom.epoch) {
         fail(comm, PCCL_EPROTO);
         return;
     }
     op = find_op(comm, c->rh.tag, c->rh.seq);
     if (op == NULL) {
         pull_ops(comm, c->rh.tag, &started);
-        if (comm->efail != 0 || comm->ering == NULL) {
+        if (comm->engine_fail != 0 || comm->engine_ring == NULL) {
             return;
         }
         op = find_op(comm, c->rh.tag, c->rh.seq);
@@ -246,12 +258,12 @@ dispatch(pccl_comm *comm, pccl__conn *c)
         set_interest(comm, c, PCCL__POLL_RDHUP); /* still hear a hang-up */
         return;
     }
-    if ((rv = pccl__ring_op_accept(&op->ring, &c->rh, c->scratch, c->scratch_len, &dst, &len,
-                                   &unit)) != 0) {
+    if ((rv = op->op->vt->accept(op->op, c->index, &c->rh, c->scratch, c->scratch_len, &dst,
+                                 &len, &unit)) != 0) {
         fail(comm, rv);
         return;
     }
-    pccl__conn_expect(c, dst, len, &op->ring, unit);
+    pccl__conn_expect(c, dst, len, op->op, unit);
 }
 
 static void
@@ -262,7 +274,7 @@ rx(pccl_comm *comm, pccl__conn *c)
     int ready;
     pccl_result rv;
 
-    while (comm->efail == 0) {
+    while (comm->engine_fail == 0) {
         if (c->rstate == PCCL__RX_HEADER) {
             int at_boundary = c->rhdr_got == 0;
             if ((rv = pccl__conn_recv_header(c, &ready, &moved)) != 0) {
@@ -285,7 +297,7 @@ rx(pccl_comm *comm, pccl__conn *c)
             }
         } else if (c->rstate == PCCL__RX_PAYLOAD) {
             int done;
-            pccl__ring_op *r = c->rop;
+            pccl__coll_op *op = c->rop;
             if ((rv = pccl__conn_recv_payload(c, &done, &moved)) != 0) {
                 fail(comm, rv);
                 return;
@@ -294,7 +306,7 @@ rx(pccl_comm *comm, pccl__conn *c)
                 comm->last_progress = pccl__clock_ns();
             }
             if (done) {
-                pccl__ring_op_received(r, c->runit, &c->rh, c->scratch, emit_cb, comm);
+                op->vt->received(op, c->runit, &c->rh, c->scratch, emit_cb, comm);
                 flush_dirty(comm);
             } else if (moved == 0) {
                 return;
@@ -326,13 +338,12 @@ hung_up(pccl_comm *comm, pccl__conn *c)
     comm->nclosed_conns++;
     pccl__poller_del(&comm->poller, c->fd);
     c->registered = 0;
-    if (comm->eops == NULL || (c->outbound && c->sq_head != NULL)) {
+    if (comm->inflight_ops == NULL || (c->outbound && c->sq_head != NULL)) {
         fail(comm, PCCL_EPEERLOST);
         return;
     }
-    for (op = comm->eops; op != NULL; op = op->enext) {
-        if (c->outbound ? op->ring.sends_left > 0
-                        : pccl__ring_op_expects_on(&op->ring, c->index)) {
+    for (op = comm->inflight_ops; op != NULL; op = op->inflight_next) {
+        if (op->op->vt->needs_conn(op->op, c->index, c->outbound)) {
             fail(comm, PCCL_EPEERLOST);
             return;
         }
@@ -360,18 +371,18 @@ complete_done_ops(pccl_comm *comm)
 {
     pccl_op_handle *op, *next, *done = NULL;
 
-    for (op = comm->eops; op != NULL; op = next) {
-        next = op->enext;
-        if (pccl__ring_op_done(&op->ring)) {
-            if (op->eprev != NULL) {
-                op->eprev->enext = op->enext;
+    for (op = comm->inflight_ops; op != NULL; op = next) {
+        next = op->inflight_next;
+        if (op->op->vt->done(op->op)) {
+            if (op->inflight_prev != NULL) {
+                op->inflight_prev->inflight_next = op->inflight_next;
             } else {
-                comm->eops = op->enext;
+                comm->inflight_ops = op->inflight_next;
             }
-            if (op->enext != NULL) {
-                op->enext->eprev = op->eprev;
+            if (op->inflight_next != NULL) {
+                op->inflight_next->inflight_prev = op->inflight_prev;
             }
-            op->qnext = done;
+            op->queue_next = done;
             done = op;
         }
     }
@@ -396,7 +407,7 @@ free_ring(pccl__ring_install *r)
 static void
 close_ring(pccl_comm *comm)
 {
-    pccl__ring_install *r = comm->ering;
+    pccl__ring_install *r = comm->engine_ring;
     uint32_t k;
 
     if (r == NULL) {
@@ -413,7 +424,7 @@ close_ring(pccl_comm *comm)
         pccl__conn_fini(&r->in[k]);
     }
     free_ring(r);
-    comm->ering = NULL;
+    comm->engine_ring = NULL;
     comm->ndirty = 0;
     comm->nparked_conns = 0;
     comm->nclosed_conns = 0;
@@ -429,21 +440,21 @@ engine_break(pccl_comm *comm, pccl_result code, pccl_op_handle *subs)
     complete_done_ops(comm); /* ops that got every byte still succeed */
     close_ring(comm);
     pccl__mutex_lock(&comm->mtx);
-    for (op = comm->eops; op != NULL; op = next) {
-        next = op->enext;
+    for (op = comm->inflight_ops; op != NULL; op = next) {
+        next = op->inflight_next;
         pccl__op_finish_locked(comm, op, code);
     }
-    comm->eops = NULL;
+    comm->inflight_ops = NULL;
     finish_ops(comm, subs, code);
-    finish_ops(comm, comm->subq_head, code);
-    comm->subq_head = comm->subq_tail = NULL;
+    finish_ops(comm, comm->submit_head, code);
+    comm->submit_head = comm->submit_tail = NULL;
     if (comm->ring_state == PCCL__RING_READY) {
         comm->ring_state = PCCL__RING_BROKEN;
     }
     comm->engine_ring_live = 0;
     pccl__cond_broadcast(&comm->cv);
     pccl__mutex_unlock(&comm->mtx);
-    comm->efail = 0;
+    comm->engine_fail = 0;
 }
 
 static void
@@ -452,7 +463,7 @@ install(pccl_comm *comm, pccl__ring_install *r)
     uint32_t k;
     pccl_result rv;
 
-    comm->ering = r;
+    comm->engine_ring = r;
     comm->ndirty = 0;
     comm->nparked_conns = 0;
     comm->nclosed_conns = 0;
@@ -486,17 +497,17 @@ handle_requests(pccl_comm *comm)
     comm->req_install = NULL;
     brk = comm->req_break;
     comm->req_break = 0;
-    subs = comm->subq_head;
-    comm->subq_head = comm->subq_tail = NULL;
+    subs = comm->submit_head;
+    comm->submit_head = comm->submit_tail = NULL;
     pccl__mutex_unlock(&comm->mtx);
 
     if (inst != NULL) {
-        if (comm->ering != NULL) {
+        if (comm->engine_ring != NULL) {
             close_ring(comm); /* cannot happen: set_ring drops first */
         }
         install(comm, inst);
-        if (comm->efail != 0) {
-            brk = brk ? brk : comm->efail;
+        if (comm->engine_fail != 0) {
+            brk = brk ? brk : comm->engine_fail;
         }
     }
     if (closing) {
@@ -509,8 +520,8 @@ handle_requests(pccl_comm *comm)
     }
     start_ops(comm, subs);
     flush_dirty(comm);
-    if (comm->efail != 0) {
-        engine_break(comm, comm->efail, NULL);
+    if (comm->engine_fail != 0) {
+        engine_break(comm, comm->engine_fail, NULL);
     }
     return 0;
 }
@@ -519,7 +530,7 @@ handle_requests(pccl_comm *comm)
  * deadline of the ops in flight) and the handling of what it reported:
  * socket events, finished ops, the progress timeout.  *wake is set when
  * the wake-up event fired (requests are waiting: handle_requests).
- * Returns the number of socket events handled.  plock held. */
+ * Returns the number of socket events handled.  progress_lock held. */
 static int
 poll_once(pccl_comm *comm, uint64_t deadline, int *wake)
 {
@@ -528,7 +539,7 @@ poll_once(pccl_comm *comm, uint64_t deadline, int *wake)
     int n, i, nsock = 0;
 
     *wake = 0;
-    if (comm->eops != NULL && comm->progress_timeout_ms >= 0) {
+    if (comm->inflight_ops != NULL && comm->progress_timeout_ms >= 0) {
         uint64_t pd = comm->last_progress + (uint64_t)comm->progress_timeout_ms * 1000000u;
         if (pd < deadline) {
             deadline = pd;
@@ -538,7 +549,7 @@ poll_once(pccl_comm *comm, uint64_t deadline, int *wake)
         n = 0;
         pccl__sleep_ms(1);
     }
-    ring_at_start = comm->ering;
+    ring_at_start = comm->engine_ring;
     for (i = 0; i < n; i++) {
         pccl__conn *c;
         if (ev[i].ptr == (void *)&comm->engine_wake) {
@@ -546,7 +557,7 @@ poll_once(pccl_comm *comm, uint64_t deadline, int *wake)
             continue;
         }
         nsock++;
-        if (comm->ering == NULL || comm->ering != ring_at_start) {
+        if (comm->engine_ring == NULL || comm->engine_ring != ring_at_start) {
             continue; /* the ring broke during this batch */
         }
         c = ev[i].ptr;
@@ -557,7 +568,7 @@ poll_once(pccl_comm *comm, uint64_t deadline, int *wake)
             if (ev[i].flags & PCCL__POLL_OUT) {
                 flush(comm, c);
             }
-            if (comm->efail == 0 && (ev[i].flags & (PCCL__POLL_IN | PCCL__POLL_ERR))) {
+            if (comm->engine_fail == 0 && (ev[i].flags & (PCCL__POLL_IN | PCCL__POLL_ERR))) {
                 probe_outbound(comm, c);
             }
         } else if (c->rstate == PCCL__RX_PARKED) {
@@ -567,19 +578,19 @@ poll_once(pccl_comm *comm, uint64_t deadline, int *wake)
         } else {
             rx(comm, c);
         }
-        if (comm->efail == 0) {
+        if (comm->engine_fail == 0) {
             flush_dirty(comm);
         }
-        if (comm->efail != 0) {
-            engine_break(comm, comm->efail, NULL);
+        if (comm->engine_fail != 0) {
+            engine_break(comm, comm->engine_fail, NULL);
         }
     }
     complete_done_ops(comm);
-    if (comm->nclosed_conns > 0 && comm->eops == NULL && comm->ering != NULL) {
+    if (comm->nclosed_conns > 0 && comm->inflight_ops == NULL && comm->engine_ring != NULL) {
         /* the ops that could still finish on a hung-up ring did */
         engine_break(comm, PCCL_EPEERLOST, NULL);
     }
-    if (comm->eops != NULL && comm->progress_timeout_ms >= 0 &&
+    if (comm->inflight_ops != NULL && comm->progress_timeout_ms >= 0 &&
         pccl__clock_ns() >= comm->last_progress +
                                 (uint64_t)comm->progress_timeout_ms * 1000000u) {
         engine_break(comm, PCCL_ETIMEDOUT, NULL);
@@ -591,7 +602,7 @@ poll_once(pccl_comm *comm, uint64_t deadline, int *wake)
 static size_t
 idle_fds(pccl_comm *comm, int *fds)
 {
-    pccl__ring_install *r = comm->ering;
+    pccl__ring_install *r = comm->engine_ring;
     size_t n = 0;
     uint32_t k;
 
@@ -609,7 +620,7 @@ idle_fds(pccl_comm *comm, int *fds)
 /* With no op in flight or queued: if a socket of the ring is hung up,
  * break the ring now.  (With ops queued, they start first: a peer that
  * finished an op and closed may have sent all they need; if not, they
- * fail when they need what will never come.)  plock held. */
+ * fail when they need what will never come.)  progress_lock held. */
 static void
 hangup_check(pccl_comm *comm)
 {
@@ -618,9 +629,9 @@ hangup_check(pccl_comm *comm)
     int queued;
 
     pccl__mutex_lock(&comm->mtx);
-    queued = comm->subq_head != NULL;
+    queued = comm->submit_head != NULL;
     pccl__mutex_unlock(&comm->mtx);
-    if (comm->eops != NULL || queued) {
+    if (comm->inflight_ops != NULL || queued) {
         return;
     }
     n = idle_fds(comm, fds);
@@ -629,14 +640,14 @@ hangup_check(pccl_comm *comm)
     }
 }
 
-/* The engine thread.  Whoever holds plock drives progress: this thread
+/* The engine thread.  Whoever holds progress_lock drives progress: this thread
  * whenever ops are in flight, or a thread blocked in pccl_op_wait that
  * found the engine idle (pccl__engine_drive).  With nothing in flight the
  * thread sleeps on the wake-up event and on hang-ups of the ring's
  * sockets, not on their data, so a waiter can take over without waking
  * it: a blocking all-reduce then costs no thread hand-off, and a peer
  * that hangs up while nothing is in flight still breaks the ring at
- * once.  (The socket list is copied under plock; a driver that replaces
+ * once.  (The socket list is copied under progress_lock; a driver that replaces
  * the ring wakes this thread so it watches the new one.) */
 static void
 engine_main(void *arg)
@@ -647,21 +658,21 @@ engine_main(void *arg)
     size_t nfds;
 
     for (;;) {
-        pccl__mutex_lock(&comm->plock);
-        if (idle && comm->eops == NULL) {
+        pccl__mutex_lock(&comm->progress_lock);
+        if (idle && comm->inflight_ops == NULL) {
             /* Woken while idle: a peer that hangs up on an idle ring
              * makes it useless; say so at once. */
             hangup_check(comm);
         }
         if (requests && handle_requests(comm)) {
-            pccl__mutex_unlock(&comm->plock);
+            pccl__mutex_unlock(&comm->progress_lock);
             return;
         }
-        if (comm->eops == NULL) {
+        if (comm->inflight_ops == NULL) {
             /* Idle.  handle_requests drained the event before it looked
              * at the requests, so none can be missed. */
             nfds = idle_fds(comm, fds);
-            pccl__mutex_unlock(&comm->plock);
+            pccl__mutex_unlock(&comm->progress_lock);
             (void)pccl__poll_hangup(comm->engine_wake.fd, fds, nfds, 1);
             requests = 1;
             idle = 1;
@@ -669,7 +680,7 @@ engine_main(void *arg)
         }
         idle = 0;
         (void)poll_once(comm, PCCL__NO_DEADLINE, &requests);
-        pccl__mutex_unlock(&comm->plock);
+        pccl__mutex_unlock(&comm->progress_lock);
     }
 }
 
@@ -678,49 +689,50 @@ pccl__engine_drive(pccl_comm *comm, pccl_op_handle *h, uint64_t deadline)
 {
     pccl_op_handle *list;
     pccl__ring_install *ring;
-    int wake = 0, save = h->ring.backup != NULL, handoff;
+    int wake = 0, assist = h->op->assist, handoff;
 
-    if (!pccl__mutex_trylock(&comm->plock)) {
+    if (!pccl__mutex_trylock(&comm->progress_lock)) {
         /* The engine thread holds it: busy with other ops, or on its way
          * to sleep.  h may have been queued without a wake-up: wake it,
          * or h could wait forever. */
         pccl__engine_wake(comm);
         return 0;
     }
-    ring = comm->ering;
+    ring = comm->engine_ring;
     pccl__mutex_lock(&comm->mtx);
     if (comm->closing || comm->req_install != NULL || comm->req_break != 0 ||
         h->state == PCCL__OP_DONE) {
         /* requests are the engine thread's business */
         pccl__mutex_unlock(&comm->mtx);
-        pccl__mutex_unlock(&comm->plock);
+        pccl__mutex_unlock(&comm->progress_lock);
         pccl__engine_wake(comm);
         return 0;
     }
-    list = comm->subq_head;
-    comm->subq_head = comm->subq_tail = NULL;
+    list = comm->submit_head;
+    comm->submit_head = comm->submit_tail = NULL;
     pccl__mutex_unlock(&comm->mtx);
     start_ops(comm, list);
     flush_dirty(comm);
-    if (comm->efail != 0) {
-        engine_break(comm, comm->efail, NULL);
+    if (comm->engine_fail != 0) {
+        engine_break(comm, comm->engine_fail, NULL);
     }
     complete_done_ops(comm);
     while (!__atomic_load_n(&h->finished, __ATOMIC_ACQUIRE) && pccl__clock_ns() < deadline) {
-        /* While the network is quiet, save the input ahead of the engine
-         * (in place): one slice between two looks at the sockets. */
-        int nsock = poll_once(comm, save ? 0 : deadline, &wake);
+        /* While the network is quiet, do the op's own work ahead of the
+         * engine (in place: save the input), one piece between two looks
+         * at the sockets. */
+        int nsock = poll_once(comm, assist ? 0 : deadline, &wake);
         if (wake) {
             break; /* requests from another thread: hand over */
         }
-        if (save && nsock == 0) {
-            save = pccl__ring_op_save_next(&h->ring);
+        if (assist && nsock == 0) {
+            assist = h->op->vt->assist(h->op);
         }
     }
     /* Other ops, requests, or a broken ring (new sockets to watch) are
      * the engine thread's. */
-    handoff = wake || comm->eops != NULL || comm->ering != ring;
-    pccl__mutex_unlock(&comm->plock);
+    handoff = wake || comm->inflight_ops != NULL || comm->engine_ring != ring;
+    pccl__mutex_unlock(&comm->progress_lock);
     if (handoff) {
         pccl__engine_wake(comm);
     }

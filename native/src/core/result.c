@@ -34,10 +34,17 @@ pccl_strerror(pccl_result rv)
     return "unknown error";
 }
 
+/* The build passes the version from its one source, pyproject.toml
+ * (native/CMakeLists.txt).  Only builds outside CMake (the fuzz harnesses)
+ * lack it. */
+#ifndef PCCL_VERSION_STRING
+#define PCCL_VERSION_STRING "0+unknown"
+#endif
+
 const char *
 pccl_version(void)
 {
-    return "0.1.0";
+    return PCCL_VERSION_STRING;
 }
 
 pccl_result

@@ -19,16 +19,6 @@
 #include "net/frame.h"
 #include "pccl.h"
 
-/* A frame queued for sending.  Owned by its operation, which keeps it
- * alive (and its payload unchanged) until the sent callback runs. */
-typedef struct pccl__frame_out {
-    struct pccl__frame_out *next;
-    void *owner;                       /* the operation */
-    const uint8_t *payload;
-    uint32_t len;                      /* payload bytes */
-    uint8_t hdr[PCCL__FRAME_HEADER_SIZE];
-} pccl__frame_out;
-
 enum pccl__rx_state {
     PCCL__RX_HEADER = 0,   /* reading a header */
     PCCL__RX_PAYLOAD = 1,  /* reading a payload into rdst */

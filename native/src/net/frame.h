@@ -59,6 +59,19 @@ typedef struct pccl__frame_header {
     double qscale;
 } pccl__frame_header;
 
+/* A frame to send: the encoded header and a pointer to its payload,
+ * which stays in the operation's buffers (nothing is copied).  Owned by
+ * its operation, which keeps it alive (and its payload unchanged) until
+ * the op's on-sent callback runs for it.  `next` belongs to the send
+ * queue that holds it (net/conn.c). */
+typedef struct pccl__frame_out {
+    struct pccl__frame_out *next;
+    void *owner;                       /* the operation (a pccl__coll_op) */
+    const uint8_t *payload;
+    uint32_t len;                      /* payload bytes */
+    uint8_t hdr[PCCL__FRAME_HEADER_SIZE];
+} pccl__frame_out;
+
 /* pccl__frame_encode writes h as PCCL__FRAME_HEADER_SIZE bytes (magic,
  * version, flags and reserved filled in). */
 void pccl__frame_encode(const pccl__frame_header *h, uint8_t *out);
