@@ -336,7 +336,8 @@ class NativeComm:
         if port_ranges is not None:
             if len(port_ranges) != k_conns:
                 raise errors.InvalidArgumentError(
-                    f"port_ranges has {len(port_ranges)} entries, the ring has {k_conns} connections"
+                    f"port_ranges has {len(port_ranges)} entries, "
+                    f"the ring has {k_conns} connections"
                 )
             lo = ffi.new("uint16_t[]", k_conns)
             hi = ffi.new("uint16_t[]", k_conns)
@@ -345,7 +346,9 @@ class NativeComm:
                     continue
                 a, b = int(pr[0]), int(pr[1])
                 if not 1 <= a <= b <= 65535:
-                    raise errors.InvalidArgumentError(f"port range {pr!r} is not 1 <= lo <= hi <= 65535")
+                    raise errors.InvalidArgumentError(
+                        f"port range {pr!r} is not 1 <= lo <= hi <= 65535"
+                    )
                 lo[k], hi[k] = a, b
             keep += [lo, hi]
             ring.out_port_lo = lo

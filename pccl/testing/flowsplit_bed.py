@@ -70,6 +70,17 @@ class Run:
         mean = sum(b) / len(b)
         return max(abs(x - mean) for x in b) / mean if mean else 0.0
 
+    def hot_uplink(self) -> float:
+        """The busiest leaf-to-spine uplink's bytes over the mean of its
+        leaf's uplinks (1: equal; what ECMP's hash actually did)."""
+        worst = 0.0
+        for leaf in {k[0] for k in self.up_bytes}:
+            b = [v for k, v in self.up_bytes.items() if k[0] == leaf]
+            mean = sum(b) / len(b)
+            if mean:
+                worst = max(worst, max(b) / mean)
+        return worst
+
     def shares(self, leaf: int, spines: int) -> list[float]:
         b = [self.up_bytes[(leaf, k)] for k in range(spines)]
         tot = sum(b) or 1
@@ -77,12 +88,14 @@ class Run:
 
 
 class _Worker:
-    def __init__(self, tb: LeafSpine, host: str, conns: int, timeout: float) -> None:
+    def __init__(self, tb: LeafSpine, host: str, conns: int, timeout: float,
+                 progress_timeout: float) -> None:
         self.host = host
         self.timeout = timeout
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.p = tb.popen(host, [sys.executable, "-m", WORKER, "--listen", tb.host_addr(host),
-                                 "--conns", str(conns), "--timeout", str(timeout)],
+                                 "--conns", str(conns), "--timeout", str(timeout),
+                                 "--progress-timeout", str(progress_timeout)],
                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self.address = self.read(30.0)["address"]
 
@@ -91,7 +104,7 @@ class _Worker:
         self.p.stdin.write(json.dumps(msg) + "\n")
         self.p.stdin.flush()
 
-    def read(self, timeout: float | None = None) -> dict:
+    def read(self, timeout: float | None = None, tolerate: bool = False) -> dict:
         assert self.p.stdout is not None
         t = self.timeout + 30 if timeout is None else timeout
         r, _, _ = select.select([self.p.stdout], [], [], t)
@@ -101,7 +114,7 @@ class _Worker:
         if not line:
             raise RuntimeError(f"worker on {self.host} exited ({self.p.poll()})")
         msg = json.loads(line)
-        if "error" in msg:
+        if "error" in msg and not tolerate:
             raise RuntimeError(f"worker on {self.host}: {msg['error']}")
         return msg
 
@@ -112,8 +125,9 @@ class FlowsplitBed:
 
     def __init__(self, *, leaves: int = 2, hosts_per_leaf: int = 4, spines: int = 4,
                  host_mbit: float = 50, uplink_mbit: float = 25, conns: int = 4,
-                 timeout: float = 120.0) -> None:
+                 timeout: float = 120.0, progress_timeout: float = 30.0) -> None:
         self.conns = conns
+        self.progress_timeout = progress_timeout
         self.timeout = timeout
         self.tb = leaf_spine(leaves, hosts_per_leaf, spines, host_mbit, uplink_mbit)
         self.topo = flowsplit.LeafSpine(leaves, spines, hosts_per_leaf,
@@ -127,7 +141,8 @@ class FlowsplitBed:
     def __enter__(self) -> FlowsplitBed:
         self.tb.up()
         try:
-            self.workers = [_Worker(self.tb, h, self.conns, self.timeout) for h in self.tb.hosts]
+            self.workers = [_Worker(self.tb, h, self.conns, self.timeout, self.progress_timeout)
+                            for h in self.tb.hosts]
         except BaseException:
             self.tb.down()
             raise
@@ -169,11 +184,12 @@ class FlowsplitBed:
 
     # -- measuring ------------------------------------------------------
 
-    def _all(self, msgs: Sequence[dict | None]) -> list[dict]:
+    def _all(self, msgs: Sequence[dict | None], tolerate: bool = False) -> list[dict]:
         for w, m in zip(self.workers, msgs, strict=True):
             if m is not None:
                 w.send(m)
-        return [w.read() if m is not None else {} for w, m in zip(self.workers, msgs, strict=True)]
+        return [w.read(tolerate=tolerate) if m is not None else {}
+                for w, m in zip(self.workers, msgs, strict=True)]
 
     def set_ring(self, placement: Sequence[int], scheme: str, nbytes: int) -> list[list[str]]:
         """Set the ring of ``placement`` (host index per rank) for
@@ -196,11 +212,37 @@ class FlowsplitBed:
         replies = self._all(msgs)
         return [replies[h]["conns"] for h in placement]
 
-    def reduce(self, placement: Sequence[int], count: int) -> list[dict]:
+    def reduce(self, placement: Sequence[int], count: int, tolerate: bool = False) -> list[dict]:
         self.tag += 1
         msgs = [{"cmd": "reduce", "count": count, "tag": self.tag}] * len(self.workers)
-        replies = self._all(msgs)
+        replies = self._all(msgs, tolerate)
         return [replies[h] for h in placement]
+
+    def fault_run(self, placement: Sequence[int], scheme: str, nbytes: int,
+                  link: tuple[int, int] = (0, 0), after: float = 1.0) -> dict:
+        """An all-reduce with uplink ``link`` = (leaf, spine) black-holed
+        ``after`` seconds in (restored at the end): what each rank saw."""
+        import threading
+
+        placement = [int(h) for h in placement]
+        self.set_ring(placement, scheme, nbytes)
+        self.reduce(placement, 4096)
+        ln = self.tb.uplink(*link)
+        timer = threading.Timer(after, self.tb.blackhole, args=(ln,))
+        t0 = time.monotonic()
+        timer.start()
+        try:
+            res = self.reduce(placement, nbytes // 4, tolerate=True)
+        finally:
+            timer.cancel()
+            timer.join()
+            self.tb.restore(ln)
+        wall = time.monotonic() - t0
+        errs = sorted({r["error"] for r in res if "error" in r})
+        return {"scheme": scheme, "placement": placement, "link": link, "after": after,
+                "wall": wall, "completed": not errs and all(r.get("ok") for r in res),
+                "seconds": max((r.get("seconds", 0.0) for r in res), default=0.0),
+                "ideal": self.predict(placement, nbytes, "spray"), "errors": errs}
 
     def run(self, placement: Sequence[int], scheme: str, nbytes: int) -> Run:
         placement = [int(h) for h in placement]
@@ -256,8 +298,9 @@ def table(runs: Sequence[Run], spines: int) -> str:
     for r in runs:
         by.setdefault(tuple(r.placement), {})[r.scheme] = r
     lines = ["| placement (host per rank) | cross | ideal s | minimal s (×) | ecmp s (×) | "
-             "ecmp model × | spray s (×) | minimal uplink shares leaf0 / leaf1 |",
-             "|---|---|---|---|---|---|---|---|"]
+             "ecmp model × | ecmp hot uplink ÷ mean | spray s (×) | "
+             "minimal uplink shares leaf0 / leaf1 |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for pl, d in by.items():
         any_run = next(iter(d.values()))
         cells = []
@@ -266,11 +309,12 @@ def table(runs: Sequence[Run], spines: int) -> str:
             cells.append("—" if r is None else f"{r.seconds:.2f} ({r.ratio:.2f})")
         e = d.get("ecmp")
         em = f"{e.predicted / e.ideal:.2f}" if e else "—"
+        hot = f"{e.hot_uplink():.2f}" if e else "—"
         m = d.get("minimal")
         sh = "—" if m is None else " / ".join(
             ",".join(f"{x:.3f}" for x in m.shares(li, spines)) for li in range(2))
         lines.append(f"| {' '.join(map(str, pl))} | {any_run.cross} | {any_run.ideal:.2f} | "
-                     f"{cells[0]} | {cells[1]} | {em} | {cells[2]} | {sh} |")
+                     f"{cells[0]} | {cells[1]} | {em} | {hot} | {cells[2]} | {sh} |")
     return "\n".join(lines)
 
 
@@ -287,6 +331,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--conns", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write the runs here")
+    ap.add_argument("--fault", action="store_true",
+                    help="also black-hole uplink leaf0-spine0 1 s into one all-reduce per scheme")
+    ap.add_argument("--progress-timeout", type=float, default=15.0,
+                    help="the peers' progress timeout, seconds (default 15)")
     a = ap.parse_args(argv)
     from .netns import unavailable_reason
 
@@ -297,8 +345,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs: list[Run] = []
     nbytes = a.mib << 20
     with FlowsplitBed(host_mbit=a.host_mbit, uplink_mbit=a.uplink_mbit, conns=a.conns,
-                      timeout=max(120.0, nbytes * 8 / (a.uplink_mbit * 1e6) * 8)) as bed:
-        for pl in placements(bed.topo, a.placements, a.seed):
+                      timeout=max(120.0, nbytes * 8 / (a.uplink_mbit * 1e6) * 8),
+                      progress_timeout=a.progress_timeout) as bed:
+        pls = placements(bed.topo, a.placements, a.seed)
+        faults = []
+        for s in SCHEMES if a.fault else ():
+            f = bed.fault_run(pls[0], s, nbytes)
+            faults.append(f)
+            print(f"fault {s:8s} {pls[0]}: uplink leaf0-spine0 black-holed at 1 s -> "
+                  f"{'completed' if f['completed'] else 'FAILED'} after {f['wall']:.1f} s "
+                  f"(ideal {f['ideal']:.1f} s) {'; '.join(f['errors'])}", flush=True)
+        for pl in pls:
             for s in SCHEMES:
                 t0 = time.monotonic()
                 r = bed.run(pl, s, nbytes)
@@ -308,6 +365,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                       f"cpu {r.cpu / r.seconds:.2f} cores, load {os.getloadavg()[0]:.1f} "
                       f"[{time.monotonic() - t0:.1f} s]", flush=True)
     print(table(runs, bed.spines))
+    for f in faults:
+        print(f"| fault | {f['scheme']} | {'completed' if f['completed'] else 'failed'} | "
+              f"{f['wall']:.1f} s | {'; '.join(f['errors'])} |")
     if a.json:
         with open(a.json, "w") as f:
             json.dump([dataclasses.asdict(r) | {"up_bytes": {f"{k[0]},{k[1]}": v for k, v in
