@@ -71,14 +71,16 @@ class Run:
         return max(abs(x - mean) for x in b) / mean if mean else 0.0
 
     def hot_uplink(self) -> float:
-        """The busiest leaf-to-spine uplink's bytes over the mean of its
-        leaf's uplinks (1: equal; what ECMP's hash actually did)."""
+        """The busiest leaf-spine link's bytes (either direction) over the
+        mean of its leaf's links in that direction (1: equal; what ECMP's
+        hash actually did)."""
         worst = 0.0
-        for leaf in {k[0] for k in self.up_bytes}:
-            b = [v for k, v in self.up_bytes.items() if k[0] == leaf]
-            mean = sum(b) / len(b)
-            if mean:
-                worst = max(worst, max(b) / mean)
+        for src in (self.up_bytes, self.down_bytes):
+            for leaf in {k[0] for k in src}:
+                b = [v for k, v in src.items() if k[0] == leaf]
+                mean = sum(b) / len(b)
+                if mean:
+                    worst = max(worst, max(b) / mean)
         return worst
 
     def shares(self, leaf: int, spines: int) -> list[float]:
