@@ -20,6 +20,15 @@ tables on stdout, ``flowsplit.json`` (every number) and ``flowsplit.png``
 
     .venv/bin/python benchmarks/flowsplit.py                 # paper + testbed fabrics
     .venv/bin/python benchmarks/flowsplit.py --fabric testbed --trials 20 --out /tmp/fs
+
+``--testbed`` measures instead (root; pccl.testing.flowsplit_bed): a pccl
+ring all-reduce on the namespace leaf-spine (2 leaves x 4 hosts, 4 spines)
+over random placements under minimal (pinned, weighted), ecmp and spray,
+printing measured vs predicted times and minimal's uplink byte shares;
+``--fault`` adds one black-holed uplink mid all-reduce per scheme:
+
+    sudo .venv/bin/python benchmarks/flowsplit.py --testbed --placements 10 --mib 64
+    sudo .venv/bin/python benchmarks/flowsplit.py --testbed --placements 1 --mib 16 --fault
 """
 
 from __future__ import annotations
@@ -84,6 +93,11 @@ def _plot(results: dict, out: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--testbed" in argv:
+        from pccl.testing import flowsplit_bed
+
+        return flowsplit_bed.main([a for a in argv if a != "--testbed"])
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -95,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("build/flowsplit"),
                    help="directory for flowsplit.png and flowsplit.json (default build/flowsplit)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    p.add_argument("--testbed", action="store_true",
+                   help="measure on the namespace leaf-spine instead (root; see --testbed --help)")
     args = p.parse_args(argv)
     if args.trials < 1 or args.bytes < 0 or args.seed < 0:
         p.error("--trials must be >= 1; --bytes and --seed >= 0")

@@ -9,6 +9,7 @@ blocks.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -359,8 +360,19 @@ class NativeComm:
         next_addr: str | None,
         bind_addrs: Sequence[str] | None = None,
         timeout: float | None = 30.0,
+        port_ranges: Sequence[tuple[int, int] | None] | None = None,
+        out_weights: Sequence[int] | None = None,
+        in_weights: Sequence[int] | None = None,
     ) -> None:
-        """Replace the ring (blocks until all 2K connections are up)."""
+        """Replace the ring (blocks until all 2K connections are up).
+
+        A flow-splitting plan (``docs/flowsplit.md``), each a list of K
+        entries or None: ``port_ranges[k]`` pins outbound connection k to a
+        path by binding a free source port of ``(lo, hi)`` (None: any);
+        ``out_weights[k]`` is the share of every operation's slices that
+        outbound connection k carries; ``in_weights`` are the previous
+        rank's ``out_weights`` (both ends must agree).  All None: equal
+        striping, no pin."""
         self._check_open()
         if world < 1 or not 0 <= rank < world:
             raise errors.InvalidArgumentError(f"rank {rank} is not in a world of {world}")
@@ -383,6 +395,37 @@ class NativeComm:
             ring.bind_addrs = arr
             ring.n_bind_addrs = len(bind_addrs)
         ring.timeout_ms = _timeout_ms(timeout)
+        k_conns = self.p2p_connections
+        if port_ranges is not None:
+            if len(port_ranges) != k_conns:
+                raise errors.InvalidArgumentError(
+                    f"port_ranges has {len(port_ranges)} entries, "
+                    f"the ring has {k_conns} connections"
+                )
+            lo = ffi.new("uint16_t[]", k_conns)
+            hi = ffi.new("uint16_t[]", k_conns)
+            for k, pr in enumerate(port_ranges):
+                if pr is None:
+                    continue
+                a, b = int(pr[0]), int(pr[1])
+                if not 1 <= a <= b <= 65535:
+                    raise errors.InvalidArgumentError(
+                        f"port range {pr!r} is not 1 <= lo <= hi <= 65535"
+                    )
+                lo[k], hi[k] = a, b
+            keep += [lo, hi]
+            ring.out_port_lo = lo
+            ring.out_port_hi = hi
+        for name, ws in (("out_weights", out_weights), ("in_weights", in_weights)):
+            if ws is None:
+                continue
+            if len(ws) != k_conns:
+                raise errors.InvalidArgumentError(
+                    f"{name} has {len(ws)} entries, the ring has {k_conns} connections"
+                )
+            arr = ffi.new("uint32_t[]", [int(w) for w in _fit_weights(ws, name)])
+            keep.append(arr)
+            setattr(ring, name, arr)
         rv = lib.pccl_comm_set_ring(self._comm, ring)
         if rv == lib.PCCL_ETIMEDOUT and timeout is not None:
             raise errors.PcclTimeoutError(
@@ -393,6 +436,14 @@ class NativeComm:
         check(rv, f"set ring (epoch {epoch})")
         self.world_size = world
         self.ring_rank = rank
+
+    def conn_address(self, k: int) -> str:
+        """The local ``host:port`` of outbound ring connection ``k`` (to
+        check a path pin)."""
+        self._check_open()
+        buf = ffi.new("char[]", lib.PCCL_ADDRSTRLEN)
+        check(lib.pccl_comm_ring_conn_address(self._comm, int(k), buf, len(buf)), "conn address")
+        return ffi.string(buf).decode()
 
     # -- all-reduce -------------------------------------------------------
 
@@ -796,6 +847,22 @@ def copy_memory(dst: int, src: int, nbytes: int) -> None:
 _FLOAT_DTYPES = frozenset({DType.FLOAT32, DType.FLOAT64, DType.FLOAT16, DType.BFLOAT16})
 
 
+def _fit_weights(ws: Sequence[int], name: str) -> list[int]:
+    """Non-negative integer weights, divided by their gcd and, if still
+    above 32 bits, scaled down (the C side takes uint32)."""
+    vals = []
+    for w in ws:
+        if isinstance(w, bool) or int(w) != w or w < 0:
+            raise errors.InvalidArgumentError(f"{name} must be non-negative integers, got {w!r}")
+        vals.append(int(w))
+    g = math.gcd(*vals) if any(vals) else 1
+    vals = [v // g for v in vals]
+    top = max(vals)
+    if top >= 1 << 32:
+        vals = [max(1, v * ((1 << 32) - 1) // top) if v else 0 for v in vals]
+    return vals
+
+
 class StaticRing(NativeComm):
     """A ring without a master: every rank knows every other rank's address
     (like Gloo's full-mesh rendezvous).  For tests and benchmarks; training
@@ -820,11 +887,27 @@ class StaticRing(NativeComm):
         timeout: float | None = 30.0,
         epoch: int = 0,
         bind_addrs: Sequence[str] | None = None,
+        port_ranges: Sequence[tuple[int, int] | None] | None = None,
+        out_weights: Sequence[int] | None = None,
+        in_weights: Sequence[int] | None = None,
     ) -> None:
-        """Build the ring from every rank's address (index = rank)."""
+        """Build the ring from every rank's address (index = rank).  The
+        flow-splitting arguments are those of :meth:`set_ring`
+        (:func:`pccl.flowsplit.ring_pins` makes them from a plan)."""
         if len(addresses) != self.world:
             raise errors.InvalidArgumentError(
                 f"expected {self.world} addresses, got {len(addresses)}"
             )
         nxt = addresses[(self.rank + 1) % self.world] if self.world > 1 else None
-        self.set_ring(epoch, self.rank, self.world, nxt, bind_addrs=bind_addrs, timeout=timeout)
+        self.set_ring(
+            epoch,
+            self.rank,
+            self.world,
+            nxt,
+            bind_addrs=bind_addrs,
+            timeout=timeout,
+            port_ranges=port_ranges,
+            out_weights=out_weights,
+            in_weights=in_weights,
+        )
+

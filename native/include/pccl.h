@@ -120,6 +120,19 @@ typedef struct pccl_ring_config {
     const char *const *bind_addrs;/* connection k binds to bind_addrs[k % n_bind_addrs]; may be NULL */
     uint32_t n_bind_addrs;
     int32_t timeout_ms;           /* for connecting and for the previous rank to connect; <0: forever */
+    /* Flow-splitting plan (docs/flowsplit.md).  Each array has K entries or
+     * is NULL; all NULL (or all zero) is the default: no pin, equal striping.
+     * out_port_lo/hi[k]: outbound connection k binds a free source port in
+     * [lo, hi] (ports in use are skipped; lo == 0: any port), after the
+     * address of bind_addrs, so policy routing on the source port pins it to
+     * one path.  out_weights[k]: the share of every operation's slices that
+     * outbound connection k carries (proportional; zero: none).
+     * in_weights[k]: the previous rank's out_weights (the slices its
+     * connection k carries to us); both ends must agree. */
+    const uint16_t *out_port_lo;
+    const uint16_t *out_port_hi;
+    const uint32_t *out_weights;
+    const uint32_t *in_weights;
 } pccl_ring_config;
 
 /* What one all-reduce moved. */
@@ -155,6 +168,12 @@ pccl_result pccl_comm_listen_address(pccl_comm *comm, char *buf, size_t len);
  * both are ready, ring->timeout_ms passes, or pccl_comm_abort/close.  One
  * caller at a time; operations must not be started meanwhile. */
 pccl_result pccl_comm_set_ring(pccl_comm *comm, const pccl_ring_config *ring);
+
+/* pccl_comm_ring_conn_address writes the local "host:port" of outbound
+ * ring connection k (0..K-1) of the ring set last (NUL-terminated) into buf
+ * of len bytes (PCCL_ADDRSTRLEN suffices): how a caller checks a path pin.
+ * PCCL_ESTATE without a ring, PCCL_EINVAL for a bad k.  Any thread. */
+pccl_result pccl_comm_ring_conn_address(pccl_comm *comm, uint32_t k, char *buf, size_t len);
 
 /* pccl_comm_all_reduce_start starts an all-reduce of count elements from
  * src into dst (dst == src: in place) and writes a handle the caller owns

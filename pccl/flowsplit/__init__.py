@@ -42,6 +42,7 @@ from .planner import (
     plan,
     plan_single,
     ring_connections,
+    ring_pins,
     split_factor,
 )
 
@@ -63,6 +64,7 @@ __all__ = [
     "plan",
     "plan_single",
     "ring_connections",
+    "ring_pins",
     "split_factor",
     "step_time",
     "subflow_count",

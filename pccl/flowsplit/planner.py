@@ -44,7 +44,7 @@ Rules this module adds where the paper is silent:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from math import gcd
 
 import numpy as np
@@ -254,3 +254,27 @@ def ring_connections(
     return [
         flow_connections(subflows, i, connections, align=align) for i in range(len(flows))
     ]
+
+
+def ring_pins(
+    edges: Sequence[Sequence[tuple[int | None, int]]],
+    rank: int,
+    port_range: Callable[[int], tuple[int, int]],
+) -> dict[str, list]:
+    """The flow-splitting arguments of ``StaticRing.connect`` /
+    ``set_ring`` for ring position ``rank``, from :func:`ring_connections`'
+    per-edge lists: its outbound edge ``rank`` gives the source-port pins
+    (``port_range(path)``; a local edge, path None, stays unpinned) and the
+    out-weights (bytes per connection), its inbound edge ``rank - 1`` the
+    in-weights."""
+    n = len(edges)
+    if not 0 <= rank < n:
+        raise InvalidArgumentError(f"rank {rank} is not in a ring of {n}")
+    out, inn = edges[rank], edges[(rank - 1) % n]
+    if len(out) != len(inn):
+        raise InvalidArgumentError("every edge must have the same number of connections")
+    return {
+        "port_ranges": [None if p is None else tuple(port_range(p)) for p, _ in out],
+        "out_weights": [int(b) for _, b in out],
+        "in_weights": [int(b) for _, b in inn],
+    }

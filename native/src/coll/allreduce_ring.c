@@ -38,7 +38,11 @@
  *
  *  6. Striping.  Slice j of step t travels on connection (j + t) % K; the
  *     receiver places slices by their offset, so arrival order across
- *     connections does not matter, and one operation uses all K.
+ *     connections does not matter, and one operation uses all K.  With a
+ *     flow-splitting plan the connections carry weighted shares instead
+ *     (coll/stripe.h): the s-th slice of the edge, counted over the steps
+ *     in order, goes where the ring's schedule says, the same on both
+ *     ends.
  *
  *  7. Quantization (UINT8_MINMAX, floating dtypes).  A reduce-scatter
  *     slice is quantized just before it is sent (min and scale travel in
@@ -82,6 +86,7 @@
 #include "coll/allreduce_ring.h"
 #include "coll/kernels.h"
 #include "coll/quant.h"
+#include "coll/stripe.h"
 
 /* Backup state of one slice (in-place operations): not saved, being
  * copied by some thread, claimed by the engine to be saved by the reduce
@@ -234,9 +239,10 @@ pccl__ring_sched_init(pccl__ring_op *o, const pccl__coll_vtable *vt, int rs,
         return PCCL_ENOMEM; /* unit ids are 32-bit; a smaller tensor fits */
     }
 
-    /* One block: chunk tables, send units, receive bitmap, backup states,
-     * quant meta. */
-    sz = n * (2 * sizeof(size_t) + 2 * sizeof(uint32_t));
+    /* One block: chunk tables, per-step slice bases, send units, receive
+     * bitmap, backup states, quant meta. */
+    sz = n * (2 * sizeof(size_t) + 2 * sizeof(uint32_t)) +
+         2 * (size_t)o->nsteps * sizeof(uint32_t);
     sz = (sz + 15) & ~(size_t)15;
     {
         size_t units_off = sz;
@@ -254,6 +260,8 @@ pccl__ring_sched_init(pccl__ring_op *o, const pccl__coll_vtable *vt, int rs,
         o->chunk_len = o->chunk_off + n;
         o->chunk_nslices = (uint32_t *)(void *)(o->chunk_len + n);
         o->chunk_first = o->chunk_nslices + n;
+        o->send_base = o->chunk_first + n;
+        o->recv_base = o->send_base + o->nsteps;
         o->units = (pccl__frame_out *)(void *)(p + units_off);
         o->recv_seen = p + seen_off;
         o->saved = p + saved_off;
@@ -271,6 +279,8 @@ pccl__ring_sched_init(pccl__ring_op *o, const pccl__coll_vtable *vt, int rs,
         total_slices += o->chunk_nslices[c];
     }
     for (t = 0; t < o->nsteps; t++) {
+        o->send_base[t] = (uint32_t)o->sends_left;
+        o->recv_base[t] = (uint32_t)o->recvs_left;
         o->sends_left += o->chunk_nslices[send_chunk(o, t)];
         o->recvs_left += o->chunk_nslices[recv_chunk(o, t)];
     }
@@ -315,8 +325,8 @@ expects_on(const pccl__ring_op *o, uint32_t conn_index)
     for (t = 0; t < o->nsteps; t++) {
         uint32_t ns = o->chunk_nslices[recv_chunk(o, t)];
         for (j = 0; j < ns; j++) {
-            if ((j + t) % o->g.nconns == conn_index &&
-                !o->recv_seen[(size_t)t * o->max_slices + j]) {
+            uint32_t k = pccl__stripe_conn(&o->g, 0, (uint64_t)o->recv_base[t] + j, t, j);
+            if (k == conn_index && !o->recv_seen[(size_t)t * o->max_slices + j]) {
                 return 1;
             }
         }
@@ -499,7 +509,7 @@ send_unit(pccl__ring_op *o, uint32_t t, uint32_t j, pccl__emit_fn emit, void *ar
     f->owner = &o->base;
     f->next = NULL;
     pccl__frame_encode(&h, f->hdr);
-    emit(arg, (j + t) % o->g.nconns, f);
+    emit(arg, pccl__stripe_conn(&o->g, 1, (uint64_t)o->send_base[t] + j, t, j), f);
 }
 
 static void

@@ -53,6 +53,8 @@ typedef struct pccl__ring_op {
     uint32_t *chunk_first;  /* index of the chunk's first slice overall */
     pccl__frame_out *units; /* send units, nsteps * max_slices */
     uint8_t *recv_seen;     /* receive units already claimed */
+    uint32_t *send_base;    /* per step: slices sent on the edge before it */
+    uint32_t *recv_base;    /* per step: slices received before it */
     void *mem;              /* one allocation behind the arrays above */
 
     /* progress */

@@ -62,6 +62,10 @@
 #include "net/frame.h"
 #include "pccl.h"
 
+/* Longest weighted-striping schedule: weights are scaled down to sum to
+ * at most this many slots (a share is exact to 1/256 of an operation). */
+enum { PCCL__STRIPE_MAX = 256 };
+
 /* Where this peer sits, identical for all operations of one ring. */
 typedef struct pccl__ring_geom {
     uint64_t epoch;
@@ -69,6 +73,15 @@ typedef struct pccl__ring_geom {
     uint32_t world;
     uint32_t nconns;       /* K */
     uint32_t slice_bytes;
+    /* Weighted striping (coll/stripe.h), from the ring's out_weights and
+     * in_weights: the s-th slice an op sends on this edge goes on outbound
+     * connection out_sched[s % out_len]; the s-th it receives comes on
+     * inbound connection in_sched[s % in_len].  Length 0: the default
+     * rotation (slice j of step t on connection (j + t) % K). */
+    uint16_t out_len;
+    uint16_t in_len;
+    uint8_t out_sched[PCCL__STRIPE_MAX];
+    uint8_t in_sched[PCCL__STRIPE_MAX];
 } pccl__ring_geom;
 
 typedef struct pccl__coll_op pccl__coll_op;

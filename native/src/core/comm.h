@@ -137,6 +137,10 @@ struct pccl_comm {
     uint32_t in_have;
     pccl__parked_hello *parked;
     uint32_t nparked;
+    /* local addresses of the outbound connections of the ring set last
+     * (mtx); pccl_comm_ring_conn_address */
+    uint32_t out_local_n;
+    char out_local[PCCL_MAX_CONNECTIONS][PCCL_ADDRSTRLEN];
 
     /* shared-state transfers (mtx) */
     pccl__xfer_entry *xfer_entries;

@@ -7,9 +7,10 @@
  *   2. answer hellos parked for this epoch (they arrived early);
  *   3. open K connections to the next rank in parallel (one thread each),
  *      each authenticated with the client side of the handshake
- *      (connection k bound to bind_addrs[k % n]); refused connections are
- *      retried until the deadline, since the neighbour may not be
- *      listening yet;
+ *      (connection k bound to bind_addrs[k % n], and to the first free
+ *      source port of [out_port_lo[k], out_port_hi[k]] when pinned);
+ *      refused connections are retried until the deadline, since the
+ *      neighbour may not be listening yet;
  *   4. wait until the accept thread has accepted K connections from the
  *      previous rank of this epoch;
  *   5. hand all 2K sockets to the engine.
@@ -20,9 +21,11 @@
  * into its slot, park one of a future epoch (bounded, expires after the
  * handshake timeout), or refuse anything else with a status.
  */
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "coll/stripe.h"
 #include "core/comm.h"
 #include "core/engine.h"
 #include "core/p2p.h"
@@ -196,18 +199,72 @@ setup_interrupted(pccl_comm *comm)
     return rv;
 }
 
+/* ------------------------------------------------------------ path pins */
+
+/* addr with its port replaced by port, through the text form (the core
+ * does not look into socket addresses).  base NULL: the wildcard address
+ * of next's family. */
+static pccl_result
+with_port(const pccl__sockaddr *base, const pccl__sockaddr *next, uint16_t port,
+          pccl__sockaddr *out)
+{
+    char txt[PCCL_ADDRSTRLEN], buf[PCCL_ADDRSTRLEN + 8];
+    char *colon;
+    pccl_result rv;
+
+    if ((rv = pccl__addr_format(base != NULL ? base : next, txt, sizeof(txt))) != 0) {
+        return rv;
+    }
+    if (base == NULL) {
+        (void)snprintf(txt, sizeof(txt), "%s", txt[0] == '[' ? "[::]:0" : "0.0.0.0:0");
+    }
+    if ((colon = strrchr(txt, ':')) == NULL) {
+        return PCCL_EADDR;
+    }
+    *colon = '\0';
+    (void)snprintf(buf, sizeof(buf), "%s:%u", txt, (unsigned)port);
+    return pccl__addr_parse(buf, 1, out);
+}
+
+/* Connect from the first free source port of [lo, hi] (lo == 0: any):
+ * a port some other socket holds fails bind() or connect() with
+ * PCCL_EADDR, and the next one is tried. */
+static pccl_result
+connect_pinned(pccl_comm *comm, const pccl__sockaddr *next, const pccl__sockaddr *bind_to,
+               uint16_t lo, uint16_t hi, uint64_t deadline, int *fd)
+{
+    pccl__sockaddr b;
+    uint32_t p;
+    pccl_result rv = PCCL_EADDR;
+
+    if (lo == 0) {
+        return pccl__sock_connect(next, bind_to, deadline, comm->setup_wake.fd, fd);
+    }
+    for (p = lo; p <= hi; p++) {
+        if ((rv = with_port(bind_to, next, (uint16_t)p, &b)) != 0) {
+            return rv;
+        }
+        rv = pccl__sock_connect(next, &b, deadline, comm->setup_wake.fd, fd);
+        if (rv != PCCL_EADDR) {
+            return rv;
+        }
+    }
+    return rv; /* every port of the range is taken */
+}
+
 /* Open and authenticate outbound connection k, retrying transient
  * refusals until the deadline. */
 static pccl_result
 connect_one(pccl_comm *comm, const pccl__sockaddr *next, const pccl__sockaddr *bind_to,
-            const pccl__hs_client_hello *hello, uint64_t deadline, int *fd_out)
+            uint16_t port_lo, uint16_t port_hi, const pccl__hs_client_hello *hello,
+            uint64_t deadline, int *fd_out)
 {
     int refused = 0;
     int fd = -1;
     pccl_result rv;
 
     for (;;) {
-        rv = pccl__sock_connect(next, bind_to, deadline, comm->setup_wake.fd, &fd);
+        rv = connect_pinned(comm, next, bind_to, port_lo, port_hi, deadline, &fd);
         if (rv == 0) {
             rv = pccl__link_client_handshake(fd, hello, comm->secret, comm->secret_len,
                                              deadline, comm->setup_wake.fd);
@@ -249,6 +306,7 @@ typedef struct connect_job {
     pccl_comm *comm;
     const pccl__sockaddr *next;
     const pccl__sockaddr *bind_to;
+    uint16_t port_lo, port_hi;   /* source-port pin; 0: none */
     pccl__hs_client_hello hello;
     uint64_t deadline;
     int fd;
@@ -260,7 +318,8 @@ static void
 connect_main(void *arg)
 {
     connect_job *j = arg;
-    j->rv = connect_one(j->comm, j->next, j->bind_to, &j->hello, j->deadline, &j->fd);
+    j->rv = connect_one(j->comm, j->next, j->bind_to, j->port_lo, j->port_hi, &j->hello,
+                        j->deadline, &j->fd);
 }
 
 /* Open all K connections in parallel; out_fds[k] on success.  The result
@@ -281,6 +340,10 @@ connect_all(pccl_comm *comm, const pccl_ring_config *ring, const pccl__sockaddr 
         j->comm = comm;
         j->next = next;
         j->bind_to = nb > 0 ? &binds[k % nb] : NULL;
+        if (ring->out_port_lo != NULL) {
+            j->port_lo = ring->out_port_lo[k];
+            j->port_hi = ring->out_port_hi != NULL ? ring->out_port_hi[k] : ring->out_port_lo[k];
+        }
         j->hello.purpose = PCCL__PURPOSE_RING;
         j->hello.epoch = ring->epoch;
         j->hello.from_rank = ring->rank;
@@ -395,10 +458,24 @@ pccl_comm_set_ring(pccl_comm *comm, const pccl_ring_config *ring)
             }
         }
     }
+    if (ring->out_port_lo != NULL) {
+        for (k = 0; k < K; k++) {
+            uint16_t lo = ring->out_port_lo[k];
+            uint16_t hi = ring->out_port_hi != NULL ? ring->out_port_hi[k] : lo;
+            if ((lo == 0 && hi != 0) || hi < lo) {
+                return PCCL_EINVAL;
+            }
+        }
+    }
     for (k = 0; k < PCCL_MAX_CONNECTIONS; k++) {
         out_fds[k] = -1;
     }
     deadline = pccl__deadline_ms(ring->timeout_ms);
+    memset(&g, 0, sizeof(g));
+    if ((rv = pccl__stripe_build(ring->out_weights, K, g.out_sched, &g.out_len)) != 0 ||
+        (rv = pccl__stripe_build(ring->in_weights, K, g.in_sched, &g.in_len)) != 0) {
+        return rv;
+    }
     g.epoch = ring->epoch;
     g.rank = ring->rank;
     g.world = ring->world;
@@ -486,6 +563,14 @@ pccl_comm_set_ring(pccl_comm *comm, const pccl_ring_config *ring)
         rv = build_install(comm, &g, out_fds, &inst);
     }
     if (rv == 0) {
+        comm->out_local_n = ring->world > 1 ? K : 0;
+        for (k = 0; k < comm->out_local_n; k++) {
+            pccl__sockaddr la;
+            comm->out_local[k][0] = '\0';
+            if (pccl__sock_local_addr(out_fds[k], &la) == 0) {
+                (void)pccl__addr_format(&la, comm->out_local[k], sizeof(comm->out_local[k]));
+            }
+        }
         inst->gen = ++comm->ring_gen;
         comm->req_install = inst;
         comm->engine_ring_live = 1;
@@ -517,3 +602,25 @@ pccl_comm_set_ring(pccl_comm *comm, const pccl_ring_config *ring)
     return rv;
 }
 
+
+pccl_result
+pccl_comm_ring_conn_address(pccl_comm *comm, uint32_t k, char *buf, size_t len)
+{
+    pccl_result rv = PCCL_OK;
+
+    if (comm == NULL || buf == NULL || len == 0) {
+        return PCCL_EINVAL;
+    }
+    pccl__mutex_lock(&comm->mtx);
+    if (comm->ring_state != PCCL__RING_READY && comm->ring_state != PCCL__RING_BROKEN) {
+        rv = PCCL_ESTATE;
+    } else if (k >= comm->out_local_n) {
+        rv = comm->out_local_n == 0 ? PCCL_ESTATE : PCCL_EINVAL;
+    } else if (strlen(comm->out_local[k]) >= len) {
+        rv = PCCL_EINVAL;
+    } else {
+        memcpy(buf, comm->out_local[k], strlen(comm->out_local[k]) + 1);
+    }
+    pccl__mutex_unlock(&comm->mtx);
+    return rv;
+}
