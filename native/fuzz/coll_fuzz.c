@@ -82,7 +82,8 @@ typedef struct rank_state {
 static int
 rank_init(rank_state *s, const cfg *c, uint32_t rank)
 {
-    pccl__ring_geom g = {0, rank, c->world, c->nconns, PCCL_MIN_SLICE_BYTES};
+    pccl__ring_geom g = {.epoch = 0, .rank = rank, .world = c->world, .nconns = c->nconns,
+                         .slice_bytes = PCCL_MIN_SLICE_BYTES};
     size_t es = esizes[c->dtype], out_bytes, i, wb = 0, qb = 0;
     pccl_result rv;
 

@@ -69,7 +69,8 @@ typedef struct rank_state {
 static int
 rank_init(rank_state *s, const cfg *c, uint32_t rank, int in_place)
 {
-    pccl__ring_geom g = {0, rank, c->world, c->nconns, PCCL_MIN_SLICE_BYTES};
+    pccl__ring_geom g = {.epoch = 0, .rank = rank, .world = c->world, .nconns = c->nconns,
+                         .slice_bytes = PCCL_MIN_SLICE_BYTES};
     size_t nbytes = c->count * esizes[c->dtype], backup_b = 0, q_b = 0, i;
 
     memset(s, 0, sizeof(*s));

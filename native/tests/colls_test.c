@@ -450,7 +450,8 @@ data_header(uint64_t offset, uint32_t count, uint32_t length, pccl_dtype d, uint
 static void
 malformed_frames(void)
 {
-    pccl__ring_geom g = {3, 1, 3, 2, PCCL_MIN_SLICE_BYTES};
+    pccl__ring_geom g = {.epoch = 3, .rank = 1, .world = 3, .nconns = 2,
+                         .slice_bytes = PCCL_MIN_SLICE_BYTES};
     enum { N = 3000 };
     static float buf[3 * N], in[3 * N], work[3 * N], out[N];
     pccl__bcast_op bc;
