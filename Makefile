@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
-# The CPU build of torch on these machines; a bare "torch" would download CUDA wheels.
+# The CPU build of torch on these machines (pinned in pyproject.toml; checked below).
 TORCH  := torch==2.13.0
 JOBS   ?= 2
 
@@ -21,12 +21,30 @@ $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 
+# The requirements pyproject.toml names (build backend, runtime, the "dev"
+# extra with its pccl[...] references expanded), read from it so that this
+# file never repeats the list.  torch is pinned there (the CPU build).
+define PYPROJECT_REQUIREMENTS
+import tomllib
+project = tomllib.load(open("pyproject.toml", "rb"))
+extras = project["project"]["optional-dependencies"]
+def expand(extra):
+    for req in extras[extra]:
+        if req.startswith("pccl["):
+            for name in req[len("pccl["):-1].split(","):
+                yield from expand(name.strip())
+        else:
+            yield req
+reqs = project["build-system"]["requires"] + project["project"]["dependencies"]
+print("\n".join(dict.fromkeys(reqs + list(expand("dev")))))
+endef
+export PYPROJECT_REQUIREMENTS
+
 # Third-party packages first (slow, rarely change), then pccl itself.
 $(VENV)/.deps: $(VENV)/bin/activate pyproject.toml
-	$(PIP) install --quiet "$(TORCH)" "cffi>=1.17" "numpy>=1.24" "msgpack>=1.0" "uvloop>=0.19" \
-	    "xxhash>=3.4" "prometheus-client>=0.20" "tqdm>=4.66" "matplotlib>=3.8" "rich>=13" \
-	    "pytest>=8" "pytest-timeout>=2.3" "pytest-asyncio>=0.23" "hypothesis>=6.100" "ruff>=0.6" \
-	    "scikit-build-core>=0.10"
+	$(PY) -c "$$PYPROJECT_REQUIREMENTS" > $(VENV)/requirements.txt
+	grep -qx '$(TORCH)' $(VENV)/requirements.txt  # a bare "torch" would download CUDA wheels
+	$(PIP) install --quiet -r $(VENV)/requirements.txt
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.deps $(SOURCES)

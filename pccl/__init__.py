@@ -1,18 +1,22 @@
 """pccl: fault-tolerant collective communication over TCP.
 
-Public names (see docs/api.md):
+Public names (docs/api.md lists every call with its signature):
 
 * :class:`Communicator` - a peer of a ``pccl-master`` run (dynamic membership).
 * :class:`MasterNode` - a ``pccl-master`` running inside this process.
 * :class:`StaticRing` - a master-less ring for tests and benchmarks.
-* :class:`ReduceOp`, :class:`Quantization`, :class:`ReduceInfo`.
+* :class:`ReduceOp`, :class:`Quantization`, :class:`ReduceInfo`,
+  :class:`ReduceHandle` (what ``all_reduce_async`` returns, on both).
 * :class:`SharedState`, :class:`SyncStrategy`, :class:`SyncInfo` - for
   ``Communicator.sync_shared_state`` (docs/shared-state.md).
 * :class:`PcclError` and its subclasses (each also a built-in exception).
 """
 
-from ._native import AllReduceHandle, NativeComm, StaticRing, version
-from .communicator import Communicator, ReduceHandle
+from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
+from importlib.metadata import version as _distribution_version
+
+from ._native import StaticRing, version
+from .communicator import Communicator
 from .errors import (
     AbortedError,
     AddressError,
@@ -36,14 +40,16 @@ from .errors import (
 )
 from .master import MasterNode
 from .shared_state import SharedState, SyncInfo, SyncStrategy
-from .types import DType, Quantization, ReduceInfo, ReduceOp
+from .types import DType, Quantization, ReduceHandle, ReduceInfo, ReduceOp
 
-__version__ = "0.1.0"
+try:
+    __version__: str = _distribution_version("pccl")
+except _PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "AbortedError",
     "AddressError",
-    "AllReduceHandle",
     "AuthenticationError",
     "BusyError",
     "ClosedError",
@@ -53,7 +59,6 @@ __all__ = [
     "InvalidArgumentError",
     "MasterConnectionError",
     "MasterNode",
-    "NativeComm",
     "NotFoundError",
     "NotSupportedError",
     "OutOfMemoryError",

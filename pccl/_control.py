@@ -52,8 +52,9 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
+from . import _wire as protocol
 from . import errors
-from .master import protocol
+from ._aio import new_event_loop
 
 log = logging.getLogger("pccl.control")
 
@@ -67,14 +68,6 @@ _SILENCE_GRACE = 0.05
 # failure the loop thread found) this often.
 _DIRECT_SLICE = 0.05
 _RECV_BYTES = 262144
-
-
-def _new_event_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
 
 
 class Waiter:
@@ -584,7 +577,7 @@ class MasterLink:
     # The loop thread: read, dispatch, heartbeat, watch for silence.
 
     def _run(self, started: threading.Event) -> None:
-        loop = _new_event_loop()
+        loop = new_event_loop()
         self._loop = loop
         asyncio.set_event_loop(loop)
         assert self._sock is not None and self.welcome is not None

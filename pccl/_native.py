@@ -17,7 +17,7 @@ import numpy as np
 
 from . import errors
 from ._pccl_native import ffi, lib
-from .types import DType, Quantization, ReduceInfo, ReduceOp
+from .types import DType, Quantization, ReduceHandle, ReduceInfo, ReduceOp
 
 # --------------------------------------------------------------------------
 # Errors: one table, one checking function with a fast path.
@@ -171,35 +171,50 @@ def _timeout_ms(timeout: float | None) -> int:
 # Handles.
 
 
-class AllReduceHandle:
-    """An all-reduce in flight.  ``wait()`` returns its :class:`ReduceInfo`
-    or raises; the buffers stay referenced until then."""
+class AllReduceHandle(ReduceHandle):
+    """An all-reduce of the native core in flight (a :class:`pccl.ReduceHandle`);
+    the buffers stay referenced until ``wait`` returned or raised."""
 
-    __slots__ = ("_h", "_keep", "_result", "_lock", "__weakref__")
+    __slots__ = ("_h", "_keep", "_result", "_lock", "_progress_timeout", "__weakref__")
 
-    def __init__(self, h, keep: tuple):
+    def __init__(self, h, keep: tuple, progress_timeout: float | None = None):
         self._h = h
         self._keep = keep
         self._result: ReduceInfo | BaseException | None = None
         self._lock = threading.Lock()
+        self._progress_timeout = progress_timeout
 
     def wait(self, timeout: float | None = None) -> ReduceInfo:
         """Block until the operation ends.  With a ``timeout`` (seconds)
         :class:`pccl.PcclTimeoutError` is raised when it passes and the
         operation keeps running; call ``wait`` again or abort the comm."""
-        with self._lock:
+        if not self._lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
+            raise errors.PcclTimeoutError(
+                f"all_reduce wait: another thread is waiting; not done after {timeout:g} s"
+            )
+        try:
             if self._result is None:
                 info = ffi.new("pccl_reduce_info *")
                 rv = lib.pccl_op_wait(self._h, _timeout_ms(timeout), info)
                 if rv == lib.PCCL_ETIMEDOUT and timeout is not None:
                     raise errors.PcclTimeoutError(
-                        f"all-reduce still running after {timeout} s", rv
+                        f"all_reduce wait: the operation is still running after {timeout:g} s "
+                        "(wait again, or abort)",
+                        rv,
                     )
-                if rv:
+                if rv == lib.PCCL_ETIMEDOUT:
+                    self._result = errors.PcclTimeoutError(
+                        "all_reduce: the ring moved no byte for the progress timeout"
+                        + (f" ({self._progress_timeout:g} s)" if self._progress_timeout else ""),
+                        rv,
+                    )
+                elif rv:
                     self._result = error_for(rv, "all_reduce")
                 else:
                     self._result = ReduceInfo(info.world, info.tx_bytes, info.rx_bytes)
                 self._release()
+        finally:
+            self._lock.release()
         if isinstance(self._result, BaseException):
             raise self._result
         return self._result
@@ -264,6 +279,7 @@ class NativeComm:
         check(lib.pccl_comm_create(cfg, out), f"create communicator listening on {listen}")
         self._comm = ffi.gc(out[0], lib.pccl_comm_free)
         self.p2p_connections = p2p_connections
+        self._progress_timeout = progress_timeout
         self._closed = False
         buf = ffi.new("char[]", lib.PCCL_ADDRSTRLEN)
         check(lib.pccl_comm_listen_address(self._comm, buf, len(buf)), "listen address")
@@ -304,7 +320,14 @@ class NativeComm:
             ring.bind_addrs = arr
             ring.n_bind_addrs = len(bind_addrs)
         ring.timeout_ms = _timeout_ms(timeout)
-        check(lib.pccl_comm_set_ring(self._comm, ring), f"set ring (epoch {epoch})")
+        rv = lib.pccl_comm_set_ring(self._comm, ring)
+        if rv == lib.PCCL_ETIMEDOUT and timeout is not None:
+            raise errors.PcclTimeoutError(
+                f"set ring (epoch {epoch}): the ring's connections were not all up "
+                f"after {timeout:g} s",
+                rv,
+            )
+        check(rv, f"set ring (epoch {epoch})")
         self.world_size = world
 
     # -- all-reduce -------------------------------------------------------
@@ -316,8 +339,7 @@ class NativeComm:
         self._check_open()
         op = _enum_arg(ReduceOp, op, "op")
         quantization = _enum_arg(Quantization, quantization, "quantization")
-        if type(tag) is not int or not 0 <= tag < 2**64:
-            raise errors.InvalidArgumentError(f"tag must be an int in [0, 2**64), got {tag!r}")
+        tag = errors.check_int(tag, "tag", 0, 2**64)
         src, count, dtype, shape = buffer_info(x, "x")
         if out is None or out is x:
             if isinstance(x, np.ndarray) and not x.flags.writeable:
@@ -336,7 +358,8 @@ class NativeComm:
                 raise errors.InvalidArgumentError("x and out overlap partially")
             keep = (x, out)
         if quantization != Quantization.NONE and dtype not in _FLOAT_DTYPES:
-            raise errors.NotSupportedError(
+            # The core answers PCCL_EINVAL (a bad argument) for this too.
+            raise errors.InvalidArgumentError(
                 f"quantization {quantization.name} needs a floating dtype, got {dtype.name}"
             )
         args = (ffi.cast("void *", src), ffi.cast("void *", dst), count, int(dtype), int(op),
@@ -347,22 +370,20 @@ class NativeComm:
         args, keep = self._prepare(x, out, op, quantization, tag)
         h = ffi.new("pccl_op_handle **")
         check(lib.pccl_comm_all_reduce_start(self._comm, *args, h), "all_reduce")
-        return AllReduceHandle(h[0], keep)
+        return AllReduceHandle(h[0], keep, self._progress_timeout)
 
     def all_reduce_async(
-        self, x, out=None, op=ReduceOp.SUM, quantization=Quantization.NONE, tag: int = 0
-    ) -> AllReduceHandle:
+        self, x: Any, out: Any = None, *, op: ReduceOp | int = ReduceOp.SUM,
+        quantization: Quantization | int = Quantization.NONE, tag: int = 0,
+    ) -> ReduceHandle:
         """Start an all-reduce striped over all connections; returns a
-        handle whose ``wait()`` gives the :class:`ReduceInfo`."""
+        :class:`pccl.ReduceHandle` whose ``wait(timeout=None)`` gives the
+        :class:`ReduceInfo`."""
         return self._start(x, out, op, quantization, tag)
 
     def all_reduce(
-        self,
-        x,
-        out=None,
-        op=ReduceOp.SUM,
-        quantization=Quantization.NONE,
-        tag: int = 0,
+        self, x: Any, out: Any = None, *, op: ReduceOp | int = ReduceOp.SUM,
+        quantization: Quantization | int = Quantization.NONE, tag: int = 0,
         timeout: float | None = None,
     ) -> ReduceInfo:
         """Reduce ``x`` across the ring into ``out`` (in place when None).
@@ -377,7 +398,15 @@ class NativeComm:
         rv = lib.pccl_comm_all_reduce(self._comm, *args, _timeout_ms(timeout), info)
         del keep
         if rv == lib.PCCL_ETIMEDOUT and timeout is not None:
-            raise errors.PcclTimeoutError(f"all-reduce did not finish in {timeout} s", rv)
+            raise errors.PcclTimeoutError(
+                f"all_reduce: not finished after {timeout:g} s (the ring is now broken)", rv
+            )
+        if rv == lib.PCCL_ETIMEDOUT:
+            raise errors.PcclTimeoutError(
+                "all_reduce: the ring moved no byte for the progress timeout"
+                + (f" ({self._progress_timeout:g} s)" if self._progress_timeout else ""),
+                rv,
+            )
         check(rv, "all_reduce")
         return ReduceInfo(info.world, info.tx_bytes, info.rx_bytes)
 
@@ -429,6 +458,10 @@ class NativeComm:
             _timeout_ms(timeout),
             got,
         )
+        if rv == lib.PCCL_ETIMEDOUT and timeout is not None:
+            return int(got[0]), errors.PcclTimeoutError(
+                f"fetch from {address}: no byte for {timeout:g} s", rv
+            )
         return int(got[0]), (error_for(rv, f"fetch from {address}") if rv else None)
 
     # -- lifetime -----------------------------------------------------------
@@ -464,6 +497,34 @@ for _d in DType:
     _ELEMENT_SIZE[_d] = _sz[0]
 del _d, _sz
 
+
+
+def element_size(dtype: DType) -> int:
+    """Bytes per element of ``dtype``."""
+    return _ELEMENT_SIZE[dtype]
+
+
+def tensor_memory(x: Any, name: str = "tensor") -> tuple[int, int, str, tuple[int, ...]]:
+    """``(address, nbytes, dtype name, shape)`` of a contiguous tensor,
+    without copying (for the shared-state layer)."""
+    address, count, dtype, shape = buffer_info(x, name)
+    return address, count * _ELEMENT_SIZE[dtype], dtype.name.lower(), tuple(int(d) for d in shape)
+
+
+def memory_view(address: int, nbytes: int) -> bytes | memoryview:
+    """A buffer over ``nbytes`` at ``address`` (no copy; the caller keeps
+    the memory alive while the buffer is used)."""
+    if nbytes == 0:
+        return b""
+    return memoryview(ffi.buffer(ffi.cast("char *", address), nbytes))
+
+
+def copy_memory(dst: int, src: int, nbytes: int) -> None:
+    """``memmove(dst, src, nbytes)`` between two addresses."""
+    if nbytes:
+        ffi.memmove(ffi.cast("void *", dst), ffi.cast("const void *", src), nbytes)
+
+
 _FLOAT_DTYPES = frozenset({DType.FLOAT32, DType.FLOAT64, DType.FLOAT16, DType.BFLOAT16})
 
 
@@ -478,7 +539,7 @@ class StaticRing(NativeComm):
     >>> ring.all_reduce(x)
     """
 
-    def __init__(self, rank: int, world: int, listen: str = "127.0.0.1:0", **kwargs):
+    def __init__(self, rank: int, world: int, listen: str = "127.0.0.1:0", **kwargs: Any) -> None:
         if world < 1 or not 0 <= rank < world:
             raise errors.InvalidArgumentError(f"rank {rank} is not in a world of {world}")
         super().__init__(listen=listen, **kwargs)

@@ -20,6 +20,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -27,9 +28,9 @@ import numpy as np
 from . import errors
 from ._control import MasterLink
 from ._native import NativeComm, buffer_info
-from .master.protocol import format_hostport, parse_hostport
+from ._wire import format_hostport, parse_hostport
 from .shared_state import SharedState, SyncInfo, SyncStrategy, synchronize
-from .types import Quantization, ReduceInfo, ReduceOp
+from .types import Quantization, ReduceHandle, ReduceInfo, ReduceOp
 
 log = logging.getLogger("pccl.communicator")
 
@@ -45,22 +46,63 @@ _USAGE_ERRORS = (
 )
 
 
-class ReduceHandle:
-    """An all-reduce started by :meth:`Communicator.all_reduce_async`.
+@dataclass(frozen=True)
+class RingState:
+    """Everything the communicator knows about its ring, as one value.
+
+    Replaced whole (never mutated) under ``Communicator._lock``, by the
+    calling thread (topology installs, failed operations) and by the master
+    link's thread (aborts, a lost link); a reader takes one snapshot and
+    sees a consistent ring.
+    """
+
+    epoch: int | None = None  # the working ring's epoch; None: no working ring
+    floor: int = 0  # newest epoch this peer has a ring of or builds one for
+    aborted: int = -1  # newest epoch the master aborted (rings up to it are dead)
+    rank: int = 0
+    order: tuple[str, ...] = ()  # peer ids in send order
+    world_size: int = 0  # admitted peers in the whole run
+    group_world_size: int = 0
+
+    @property
+    def working(self) -> bool:
+        return self.epoch is not None
+
+    @property
+    def op_epoch(self) -> int:
+        """The epoch an operation started now belongs to (aborts of older
+        epochs are stale)."""
+        return self.epoch if self.epoch is not None else self.floor
+
+    def broken(self, op_epoch: int | None = None) -> RingState:
+        """This ring after a failure (of an operation of ``op_epoch``: a
+        failure of an older ring's operation leaves a newer ring alone)."""
+        if self.epoch is None or (op_epoch is not None and op_epoch < self.epoch):
+            return self
+        return replace(self, epoch=None)
+
+
+class _MasterReduceHandle(ReduceHandle):
+    """An all-reduce started by :meth:`Communicator.all_reduce_async` (a
+    :class:`pccl.ReduceHandle`).
 
     ``wait()`` blocks until the native operation ends, reports it to the
     master and waits for the verdict.  On success the result is written
     (into ``x`` for an in-place reduction) and the :class:`ReduceInfo` is
     returned; otherwise :class:`pccl.PeerLostError` (or the master link's
     error) is raised and ``x`` is unchanged.  Calling ``wait()`` again
-    returns or raises the same.
+    returns or raises the same.  A ``timeout`` that passes first raises
+    :class:`pccl.PcclTimeoutError` naming the step (the ring operation, or
+    the master's verdict) and leaves the operation running.
     """
 
     __slots__ = (
         "_comm",
         "_link",
         "_native_handle",
-        "_start_error",
+        "_local_error",
+        "_info",
+        "_reported",
         "_x",
         "_scratch",
         "_key",
@@ -72,7 +114,9 @@ class ReduceHandle:
         self._comm = comm
         self._link = link
         self._native_handle = native_handle
-        self._start_error = start_error
+        self._local_error: errors.PcclError | None = start_error
+        self._info: ReduceInfo | None = None
+        self._reported = False  # op_done sent to the master
         self._x = x
         self._scratch = scratch  # reduced into, copied to x on success (in place)
         self._key = key  # (epoch, tag, seq)
@@ -84,69 +128,131 @@ class ReduceHandle:
         return self._key[1]
 
     def done(self) -> bool:
-        """True once ``wait()`` has returned or raised."""
+        """True once ``wait()`` has returned or raised (not on a timeout)."""
         return self._result is not None
 
-    def wait(self) -> ReduceInfo:
+    def wait(self, timeout: float | None = None) -> ReduceInfo:
         """The operation's :class:`ReduceInfo`, once the master agreed it
         succeeded on every member of the group."""
-        with self._lock:
+        deadline = _Deadline(timeout, self._what())
+        if not self._lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
+            raise deadline.expired("waiting for another thread's wait() on it")
+        try:
             if self._result is None:
                 try:
-                    self._result = self._finish()
+                    self._result = self._finish(deadline)
+                except _DeadlineExpired:
+                    raise  # the operation carries on: not its outcome
                 except BaseException as exc:  # noqa: B036 - remembered, re-raised below
                     self._result = exc
-                finally:
+                if self._result is not None:
                     self._native_handle = None
+        finally:
+            self._lock.release()
         if isinstance(self._result, BaseException):
             raise self._result
         return self._result
 
-    def _finish(self) -> ReduceInfo:
-        local_error = self._start_error
-        info = None
-        if self._native_handle is not None:
-            try:
-                info = self._native_handle.wait()
-            except errors.PcclError as exc:
-                local_error = exc
+    def _what(self) -> str:
         epoch, tag, seq = self._key
-        if local_error is not None:
-            log.info(
-                "%s: all_reduce (tag %d, seq %d, epoch %d) failed here: %s",
-                self._comm._peer_id,
-                tag,
-                seq,
-                epoch,
-                local_error,
-            )
+        return f"all_reduce (tag {tag}, seq {seq}, epoch {epoch})"
+
+    def _finish(self, deadline: _Deadline) -> ReduceInfo:
+        epoch, tag, seq = self._key
         comm, link = self._comm, self._link
+        if self._native_handle is not None and not self._reported:
+            try:
+                self._info = self._native_handle.wait(deadline.remaining("the ring operation"))
+            except errors.PcclTimeoutError as exc:
+                if deadline.passed():
+                    raise deadline.expired("the ring operation") from exc
+                self._local_error = exc
+            except errors.PcclError as exc:
+                self._local_error = exc
+            self._native_handle = None
+        local_error = self._local_error
+        if local_error is not None and not self._reported:
+            log.info("%s: %s failed here: %s", comm._peer_id, self._what(), local_error)
+        key = ("op", epoch, tag, seq)
         try:
             # One master round trip; this thread reads the verdict itself.
-            report = {"type": "op_done", "epoch": epoch, "tag": tag, "seq": seq}
-            report["ok"] = local_error is None
-            verdict = link.request(("op", epoch, tag, seq), report, None, "all_reduce outcome")
+            step = "the master's verdict"
+            if not self._reported:
+                report = {"type": "op_done", "epoch": epoch, "tag": tag, "seq": seq}
+                report["ok"] = local_error is None
+                self._reported = True
+                verdict = link.request(key, report, deadline.remaining(step), step)
+            else:  # a wait() that timed out before: the verdict may be in already
+                verdict = link.wait(key, link.expect(key), deadline.remaining(step), step)
+        except errors.PcclTimeoutError as exc:
+            if deadline.passed():
+                raise deadline.expired(step) from exc
+            comm._ring_failed(epoch)
+            comm._release_scratch(tag, self._scratch)
+            raise exc from local_error
         except errors.PcclError as exc:
-            comm._ring_broken = True
+            comm._ring_failed(epoch)
             comm._release_scratch(tag, self._scratch)
             raise exc from local_error
         if local_error is not None or not verdict["ok"]:
-            comm._ring_broken = True
+            comm._ring_failed(epoch)
             comm._release_scratch(tag, self._scratch)
             why = f"this peer: {local_error}" if local_error else "another peer failed or was lost"
             raise errors.PeerLostError(
-                f"all_reduce (tag {tag}, seq {seq}, epoch {epoch}) failed on the group ({why}); "
+                f"{self._what()} failed on the group ({why}); "
                 "inputs are unchanged: call update_topology() and retry"
             ) from local_error
         if self._scratch is not None:
             _copy_into(self._x, self._scratch)
             comm._release_scratch(tag, self._scratch)
-        assert info is not None
-        return info
+        assert self._info is not None
+        return self._info
+
+
+class _DeadlineExpired(errors.PcclTimeoutError):
+    """A caller's timeout (not an operation's failure)."""
+
+
+class _Deadline:
+    """A caller's ``timeout`` for one call (``what``), with messages that
+    say which step it ran out in and after how long."""
+
+    __slots__ = ("timeout", "what", "_at", "_start")
+
+    def __init__(self, timeout: float | None, what: str):
+        if timeout is not None and timeout < 0:
+            raise errors.InvalidArgumentError(f"timeout must be >= 0 or None, got {timeout!r}")
+        self.timeout = timeout
+        self.what = what
+        self._start = time.monotonic()
+        self._at = None if timeout is None else self._start + timeout
+
+    def passed(self) -> bool:
+        return self._at is not None and time.monotonic() >= self._at
+
+    def expired(self, step: str) -> errors.PcclTimeoutError:
+        return _DeadlineExpired(
+            f"{self.what}: timed out after {time.monotonic() - self._start:.3g} s "
+            f"(timeout={self.timeout:g} s) during {step}"
+        )
+
+    def remaining(self, step: str) -> float | None:
+        """Seconds left (None: no limit); raises the timeout naming ``step``."""
+        if self._at is None:
+            return None
+        left = self._at - time.monotonic()
+        if left <= 0:
+            raise self.expired(step)
+        return left
+
+    def bounded(self, limit: float, step: str) -> float:
+        """``limit`` or the time left, whichever is less."""
+        left = self.remaining(step)
+        return limit if left is None else min(limit, left)
 
 
 class Communicator:
-    """A peer of a ``pccl-master`` run (see DESIGN.md section 3).
+    """A peer of a ``pccl-master`` run (docs/api.md lists the whole API).
 
     ``master`` is the master's ``"host:port"``.  Peers of one
     ``peer_group`` reduce together; all groups share membership votes.
@@ -183,13 +289,12 @@ class Communicator:
         progress_timeout: float | None = 60.0,
         slice_bytes: int | None = None,
         max_topology_attempts: int = 5,
-    ):
+    ) -> None:
         try:
             parse_hostport(master)
         except ValueError as exc:
             raise errors.AddressError(f"master: {exc}") from None
-        if not isinstance(peer_group, int) or isinstance(peer_group, bool) or peer_group < 0:
-            raise errors.InvalidArgumentError(f"peer_group must be an int >= 0, got {peer_group!r}")
+        errors.check_int(peer_group, "peer_group", 0)
         if advertise is not None:
             try:
                 parse_hostport(advertise)
@@ -217,19 +322,12 @@ class Communicator:
         self._admitted = False
         self._peer_id: str | None = None
         self._req = itertools.count(1)
-        # Ring state.  _epoch_floor: the newest epoch this peer has a ring
-        # of or is building one for (aborts of older epochs are stale).
-        self._ring_epoch: int | None = None
-        self._ring_broken = True
-        self._epoch_floor = 0
-        self._aborted_epoch = -1
-        self._rank = 0
-        self._ring: list[str] = []
-        self._world_size = 0
-        self._group_world_size = 0
-        # Operations: the n-th op with a tag in an epoch has seq n, exactly
-        # as the native core counts them (it restarts with every set_ring).
-        self._op_lock = threading.Lock()
+        # _lock guards the ring state (one immutable value, replaced whole)
+        # and the per-tag sequence numbers: the n-th op with a tag in an
+        # epoch has seq n, exactly as the native core counts them (it
+        # restarts with every set_ring).  Held briefly, never across I/O.
+        self._lock = threading.Lock()
+        self._ring = RingState()
         self._seq: dict[int, int] = {}
         self._scratch: dict[int, Any] = {}
 
@@ -239,17 +337,17 @@ class Communicator:
     @property
     def world_size(self) -> int:
         """Admitted peers in the whole run (all groups), as of the last topology."""
-        return self._world_size
+        return self._ring.world_size
 
     @property
     def group_world_size(self) -> int:
         """Peers in this peer group's ring, as of the last topology."""
-        return self._group_world_size
+        return self._ring.group_world_size
 
     @property
     def rank(self) -> int:
         """This peer's position in its group's ring."""
-        return self._rank
+        return self._ring.rank
 
     @property
     def peer_group(self) -> int:
@@ -262,8 +360,9 @@ class Communicator:
 
     @property
     def epoch(self) -> int | None:
-        """The epoch of the ring in use (None without a working ring)."""
-        return self._ring_epoch
+        """The epoch of the ring in use (None without a working ring, also
+        after a failed operation until the next ``update_topology()``)."""
+        return self._ring.epoch
 
     @property
     def p2p_address(self) -> str | None:
@@ -287,10 +386,12 @@ class Communicator:
         self._check_open()
         if self._admitted and self._link is not None and not self._link.failed:
             return
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = _Deadline(timeout, "connect")
         self._drop_link(leave=False)
         link = MasterLink(*_weak_callbacks(self))
-        local_host = link.open_socket(self._master, self._bounded(deadline, self._connect_timeout))
+        local_host = link.open_socket(
+            self._master, deadline.bounded(self._connect_timeout, "connecting to the master")
+        )
         try:
             if self._native is None:
                 listen = self._listen or format_hostport(local_host, 0)
@@ -306,17 +407,15 @@ class Communicator:
                 p2p_address=self._advertise or self._advertised(local_host),
                 p2p_connections=self._p2p_connections,
                 secret=self._secret,
-                timeout=self._bounded(deadline, self._connect_timeout),
+                timeout=deadline.bounded(self._connect_timeout, "the handshake with the master"),
             )
         except BaseException:
             link.close(leave=False)
             raise
         self._link = link
         self._peer_id = welcome.peer_id
-        self._ring_epoch = None
-        self._ring_broken = True
-        self._epoch_floor = 0
-        self._aborted_epoch = -1
+        with self._lock:
+            self._ring = replace(self._ring, epoch=None, floor=0, aborted=-1)
         log.info(
             "connected to %s as %s (group %d), waiting for admission",
             self._master,
@@ -325,7 +424,13 @@ class Communicator:
         )
         try:
             key = ("admit",)
-            topology = link.wait(key, link.expect(key), self._remaining(deadline), "admission")
+            step = "admission (the admitted peers admit newcomers at their next update_topology)"
+            try:
+                topology = link.wait(key, link.expect(key), deadline.remaining(step), "admission")
+            except errors.PcclTimeoutError as exc:
+                if deadline.passed():
+                    raise deadline.expired(step) from None
+                raise exc
             self._admitted = True
             self._settle(topology, deadline)
         except BaseException:
@@ -349,8 +454,8 @@ class Communicator:
         step it did not start.  :meth:`all_reduce_many` retries this way.
         """
         self._check_connected()
-        deadline = None if timeout is None else time.monotonic() + timeout
-        topology = self._vote(not self._ring_broken, deadline, admit_pending)
+        deadline = _Deadline(timeout, "update_topology")
+        topology = self._vote(self._ring.working, deadline, admit_pending)
         self._settle(topology, deadline, admit_pending)
 
     def are_peers_pending(self) -> bool:
@@ -362,7 +467,7 @@ class Communicator:
         link.send({"type": "pending_query", "req": req})
         return bool(link.wait(key, fut, None, "pending_query")["pending"])
 
-    def _vote(self, ring_ok: bool, deadline: float | None, admit: bool = True) -> dict:
+    def _vote(self, ring_ok: bool, deadline: _Deadline, admit: bool = True) -> dict:
         link = self._check_connected()
         req = next(self._req)
         key = ("req", req)
@@ -370,13 +475,16 @@ class Communicator:
         link.send(
             {"type": "update_topology", "req": req, "ring_ok": bool(ring_ok), "admit": admit}
         )
+        step = "the topology vote (waiting for every admitted peer's update_topology)"
         try:
-            return link.wait(key, fut, self._remaining(deadline), "update_topology")
-        except errors.PcclTimeoutError:
+            return link.wait(key, fut, deadline.remaining(step), "update_topology")
+        except errors.PcclTimeoutError as exc:
             link.forget(key)
-            raise
+            if deadline.passed():
+                raise deadline.expired(step) from None
+            raise exc
 
-    def _settle(self, topology: dict, deadline: float | None, admit: bool = True) -> None:
+    def _settle(self, topology: dict, deadline: _Deadline, admit: bool = True) -> None:
         """Install ``topology``; on a failed ring build vote again (the
         master rebuilds every ring at a new epoch), a bounded number of times."""
         for _ in range(self._max_topology_attempts):
@@ -388,55 +496,63 @@ class Communicator:
             "(see the log for each failure)"
         )
 
-    def _install(self, topology: dict, deadline: float | None) -> bool:
+    def _install(self, topology: dict, deadline: _Deadline) -> bool:
         link = self._check_connected()
-        self._world_size = topology["world_size"]
+        with self._lock:
+            self._ring = replace(self._ring, world_size=topology["world_size"])
         if not topology["changed"]:
             # Same epoch, same ring: nothing to rebuild or report.
             return True
         epoch = topology["epoch"]
         native = self._native
         assert native is not None
-        with self._op_lock:
-            self._epoch_floor = max(self._epoch_floor, epoch)
-            self._ring_epoch = None
-            self._ring_broken = True
+        with self._lock:
+            self._ring = replace(self._ring, epoch=None, floor=max(self._ring.floor, epoch))
             self._seq.clear()
         ok = False
-        if self._aborted_epoch < epoch:
+        if self._ring.aborted < epoch:
             try:
                 native.set_ring(
                     epoch,
                     topology["rank"],
                     topology["group_world_size"],
                     topology["next"],
-                    timeout=self._bounded(deadline, self._ring_timeout),
+                    timeout=deadline.bounded(
+                        self._ring_timeout, f"building the ring of epoch {epoch}"
+                    ),
                 )
-                ok = self._aborted_epoch < epoch  # an abort may race the build
+                ok = self._ring.aborted < epoch  # an abort may race the build
             except errors.PcclError as exc:
                 log.warning("%s: ring of epoch %d failed: %s", self._peer_id, epoch, exc)
         key = ("ready", epoch)
         fut = link.expect(key)
         link.send({"type": "ring_ready", "epoch": epoch, "ok": ok})
-        ready = link.wait(key, fut, self._remaining(deadline), "topology_ready")
+        step = f"topology_ready of epoch {epoch} (waiting for every peer's ring)"
+        try:
+            ready = link.wait(key, fut, deadline.remaining(step), "topology_ready")
+        except errors.PcclTimeoutError as exc:
+            if deadline.passed():
+                raise deadline.expired(step) from None
+            raise exc
         if not (ok and ready["ok"]):
             log.info("%s: topology of epoch %d not ready, voting again", self._peer_id, epoch)
             return False
-        with self._op_lock:
-            if self._aborted_epoch < epoch:
-                self._ring_epoch = epoch
-                self._ring_broken = False
-            self._rank = topology["rank"]
-            self._ring = list(topology["ring"])
-            self._group_world_size = topology["group_world_size"]
+        with self._lock:
+            ring = self._ring = replace(
+                self._ring,
+                epoch=epoch if self._ring.aborted < epoch else None,
+                rank=topology["rank"],
+                order=tuple(topology["ring"]),
+                group_world_size=topology["group_world_size"],
+            )
         log.info(
             "%s: epoch %d, rank %d of %d in group %d (world %d)",
             self._peer_id,
             epoch,
-            self._rank,
-            self._group_world_size,
+            ring.rank,
+            ring.group_world_size,
             self._peer_group,
-            self._world_size,
+            ring.world_size,
         )
         return True
 
@@ -454,13 +570,20 @@ class Communicator:
         them) and verify them before overwriting.  ``strategy`` is a
         :class:`pccl.SyncStrategy`.
         """
-        return synchronize(self, state, strategy)
+        return synchronize(self._sync_port(), state, strategy)
+
+    def _sync_port(self) -> _SyncPort:
+        link = self._check_connected()
+        native = self._native
+        assert native is not None
+        return _SyncPort(link, native, self._req)
 
     # ------------------------------------------------------------------
     # Collectives.
 
     def all_reduce(
-        self, x, out=None, op=ReduceOp.SUM, quantization=Quantization.NONE, tag: int = 0
+        self, x: Any, out: Any = None, *, op: ReduceOp | int = ReduceOp.SUM,
+        quantization: Quantization | int = Quantization.NONE, tag: int = 0,
     ) -> ReduceInfo:
         """Reduce ``x`` over this peer group into ``out`` (in place when None).
 
@@ -471,15 +594,16 @@ class Communicator:
         return self.all_reduce_async(x, out, op=op, quantization=quantization, tag=tag).wait()
 
     def all_reduce_async(
-        self, x, out=None, op=ReduceOp.SUM, quantization=Quantization.NONE, tag: int = 0
+        self, x: Any, out: Any = None, *, op: ReduceOp | int = ReduceOp.SUM,
+        quantization: Quantization | int = Quantization.NONE, tag: int = 0,
     ) -> ReduceHandle:
-        """Start an all-reduce; ``handle.wait()`` gives what :meth:`all_reduce`
-        would.  Concurrent operations need distinct tags."""
+        """Start an all-reduce; ``handle.wait(timeout=None)`` gives what
+        :meth:`all_reduce` would (a :class:`pccl.ReduceHandle`).  Concurrent
+        operations need distinct tags."""
         link = self._check_connected()
         native = self._native
         assert native is not None
-        if not isinstance(tag, int) or isinstance(tag, bool) or not 0 <= tag < 2**63:
-            raise errors.InvalidArgumentError(f"tag must be an int in [0, 2**63), got {tag!r}")
+        errors.check_int(tag, "tag", 0, 2**63)
         src_addr = buffer_info(x, "x")[0]
         if out is None or out is x or buffer_info(out, "out", writable=True)[0] == src_addr:
             # In place: reduce into scratch, so x is written only after the
@@ -489,8 +613,8 @@ class Communicator:
         else:
             scratch = None
             dst = out
-        with self._op_lock:
-            epoch = self._ring_epoch if self._ring_epoch is not None else self._epoch_floor
+        with self._lock:
+            epoch = self._ring.op_epoch
             seq = self._seq.get(tag, 0)
             start_error = None
             native_handle = None
@@ -504,13 +628,16 @@ class Communicator:
             except errors.PcclError as exc:  # the ring is broken or aborted
                 start_error = exc
             self._seq[tag] = seq + 1
-        return ReduceHandle(self, link, native_handle, start_error, x, scratch, (epoch, tag, seq))
+        return _MasterReduceHandle(
+            self, link, native_handle, start_error, x, scratch, (epoch, tag, seq)
+        )
 
     def all_reduce_many(
         self,
-        tensors: Sequence,
-        op=ReduceOp.SUM,
-        quantization=Quantization.NONE,
+        tensors: Sequence[Any],
+        *,
+        op: ReduceOp | int = ReduceOp.SUM,
+        quantization: Quantization | int = Quantization.NONE,
         max_in_flight: int = 8,
         max_retries: int = 3,
     ) -> list[ReduceInfo]:
@@ -526,8 +653,8 @@ class Communicator:
         order and the same ``max_in_flight``: peers that start operations
         in different orders wait on each other until the progress timeout.
         """
-        if max_in_flight < 1:
-            raise errors.InvalidArgumentError(f"max_in_flight must be >= 1, got {max_in_flight}")
+        errors.check_int(max_in_flight, "max_in_flight", 1)
+        errors.check_int(max_retries, "max_retries", 0)
         results: list[ReduceInfo | None] = [None] * len(tensors)
         todo = list(range(len(tensors)))
         attempt = 0
@@ -621,17 +748,24 @@ class Communicator:
     # Callbacks from the master link's thread (must not block).
 
     def _on_abort(self, epoch: int, reason: str) -> None:
-        if epoch < self._epoch_floor:
-            return  # an older ring's abort; ours is newer
+        with self._lock:
+            ring = self._ring
+            if epoch < ring.floor:
+                return  # an older ring's abort; ours is newer
+            self._ring = replace(ring, epoch=None, aborted=max(ring.aborted, epoch))
         log.warning("%s: abort of epoch %d: %s", self._peer_id, epoch, reason)
-        self._aborted_epoch = max(self._aborted_epoch, epoch)
-        self._ring_broken = True
         self._abort_native()
 
     def _on_link_lost(self, exc: errors.PcclError) -> None:
         self._admitted = False
-        self._ring_broken = True
+        with self._lock:
+            self._ring = self._ring.broken()
         self._abort_native()
+
+    def _ring_failed(self, op_epoch: int) -> None:
+        """An operation of ``op_epoch`` failed: its ring is broken."""
+        with self._lock:
+            self._ring = self._ring.broken(op_epoch)
 
     def _abort_native(self) -> None:
         native = self._native
@@ -669,17 +803,26 @@ class Communicator:
         self.close()
 
     def __del__(self):
+        # A finaliser must not block on the network: no "leave" (the master
+        # sees the connection close and drops this peer), no drain.
+        if getattr(self, "_closed", True):
+            return
         try:
-            self.close()
+            self._closed = True
+            self._drop_link(leave=False)
+            native, self._native = self._native, None
+            if native is not None:
+                native.close()
         except Exception:
             pass
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "admitted" if self._admitted else "not connected"
+        ring = self._ring
         return (
             f"<pccl.Communicator {self._peer_id or '-'} group={self._peer_group} "
-            f"{state} epoch={self._ring_epoch} rank={self._rank}/{self._group_world_size} "
-            f"world={self._world_size}>"
+            f"{state} epoch={ring.epoch} rank={ring.rank}/{ring.group_world_size} "
+            f"world={ring.world_size}>"
         )
 
     # ------------------------------------------------------------------
@@ -708,19 +851,35 @@ class Communicator:
             host = local_host
         return format_hostport(host, port)
 
-    @staticmethod
-    def _remaining(deadline: float | None) -> float | None:
-        if deadline is None:
-            return None
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise errors.PcclTimeoutError("timed out")
-        return remaining
+class _SyncPort:
+    """The communicator's side of a shared-state sync
+    (:class:`pccl.shared_state.SyncPort`): its native transfers and the
+    master exchanges of one sync."""
 
-    @classmethod
-    def _bounded(cls, deadline: float | None, limit: float) -> float:
-        remaining = cls._remaining(deadline)
-        return limit if remaining is None else min(limit, remaining)
+    __slots__ = ("_link", "_native", "_req")
+
+    def __init__(self, link: MasterLink, native: NativeComm, req: itertools.count):
+        self._link = link
+        self._native = native
+        self._req = req
+
+    @property
+    def transfers(self) -> NativeComm:
+        return self._native
+
+    def plan(self, report: dict[str, Any]) -> dict[str, Any]:
+        req = next(self._req)
+        key = ("sync", req)
+        fut = self._link.expect(key)
+        self._link.send({"type": "sync_state", "req": req, **report})
+        return self._link.wait(key, fut, None, "sync_shared_state")
+
+    def done(self, revision: int, ok: bool) -> None:
+        self._link.send({"type": "sync_done", "revision": revision, "ok": ok})
+
+    def wait_released(self, revision: int) -> None:
+        end = ("sync_end", revision)
+        self._link.wait(end, self._link.expect(end), None, "shared-state transfer")
 
 
 def _copy_into(dst, src) -> None:

@@ -115,14 +115,10 @@ class DiLoCo:
         quantization: Quantization = Quantization.NONE,
         *,
         max_in_flight: int = 8,
-    ):
+    ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise errors.InvalidArgumentError(f"model must be a torch.nn.Module, got {model!r}")
-        if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
-            raise errors.InvalidArgumentError(
-                f"sync_every (H, inner steps per outer step) must be an int >= 1, "
-                f"got {sync_every!r}"
-            )
+        errors.check_int(sync_every, "sync_every (H, inner steps per outer step)", 1)
         if not outer_lr > 0:
             raise errors.InvalidArgumentError(f"outer_lr must be > 0, got {outer_lr!r}")
         if not 0 <= outer_momentum < 1:
@@ -410,7 +406,7 @@ class AsyncDiLoCo(DiLoCo):
     outer steps.
     """
 
-    def __init__(self, *args: Any, deviation_feedback: float = 0.0, **kwargs: Any):
+    def __init__(self, *args: Any, deviation_feedback: float = 0.0, **kwargs: Any) -> None:
         if not 0 <= deviation_feedback < 1:
             raise errors.InvalidArgumentError(
                 f"deviation_feedback must be in [0, 1), got {deviation_feedback!r}"

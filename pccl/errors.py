@@ -91,3 +91,23 @@ class MasterConnectionError(PcclError, ConnectionError):
 class EvictedError(PcclError, ConnectionError):
     """The master removed this peer from the run (it missed a vote or a
     ring report within the vote timeout); ``connect()`` again to rejoin."""
+
+
+def check_int(value: object, name: str, low: int = 0, high: int | None = None) -> int:
+    """``value`` when it is an int (a bool is not) with ``low <= value`` and
+    ``value < high`` (no upper bound when None); otherwise
+    :class:`InvalidArgumentError` naming ``name`` and the allowed range."""
+    if (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and value >= low
+        and (high is None or value < high)
+    ):
+        return int(value)
+    if high is None:
+        allowed = f">= {low}"
+    else:
+        bits = high.bit_length() - 1
+        upper = f"2**{bits}" if high == 1 << bits and bits > 16 else str(high)
+        allowed = f"in [{low}, {upper})"
+    raise InvalidArgumentError(f"{name} must be an int {allowed}, got {value!r}")

@@ -26,13 +26,13 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import xxhash
 
 from . import errors
-from ._native import _ELEMENT_SIZE, buffer_info, ffi
+from ._native import copy_memory, memory_view, tensor_memory
 
 log = logging.getLogger("pccl.shared_state")
 
@@ -90,7 +90,7 @@ class SharedState:
     joiner, learns it here).  The tensors must not change while a sync runs.
     """
 
-    def __init__(self, tensors: Mapping[str, Any], revision: int = 0):
+    def __init__(self, tensors: Mapping[str, Any], revision: int = 0) -> None:
         if not isinstance(tensors, Mapping):
             raise errors.InvalidArgumentError(
                 f"SharedState needs a mapping of name -> tensor, got {type(tensors).__name__}"
@@ -109,11 +109,7 @@ class SharedState:
 
     @revision.setter
     def revision(self, value: int) -> None:
-        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**63:
-            raise errors.InvalidArgumentError(
-                f"revision must be an int in [0, 2**63), got {value!r}"
-            )
-        self._revision = value
+        self._revision = errors.check_int(value, "revision", 0, 2**63)
 
     def __repr__(self) -> str:
         return f"<pccl.SharedState revision={self._revision} tensors={list(self.tensors)}>"
@@ -121,19 +117,6 @@ class SharedState:
 
 # --------------------------------------------------------------------------
 # Hashing.
-
-
-def tensor_memory(x: Any, name: str = "tensor") -> tuple[int, int, str, tuple]:
-    """``(address, nbytes, dtype name, shape)`` of a tensor, without copying."""
-    address, count, dtype, shape = buffer_info(x, name)
-    return address, count * _ELEMENT_SIZE[dtype], dtype.name.lower(), tuple(int(d) for d in shape)
-
-
-def memory_view(address: int, nbytes: int):
-    """A read-only buffer over ``nbytes`` at ``address`` (no copy)."""
-    if nbytes == 0:
-        return b""
-    return ffi.buffer(ffi.cast("char *", address), nbytes)
 
 
 def hash_memory(address: int, nbytes: int) -> bytes:
@@ -333,8 +316,7 @@ def _receive(native, wants: list[_Want], timeout: float) -> int:
                     "content with the elected hash"
                 )
     for w in wants:  # verified: now, and only now, the user's tensor changes
-        ffi.memmove(ffi.cast("void *", w.entry.address), memory_view(w.buf.ctypes.data,
-                    w.entry.nbytes), w.entry.nbytes)
+        copy_memory(w.entry.address, w.buf.ctypes.data, w.entry.nbytes)
     return rx
 
 
@@ -384,7 +366,43 @@ class _Publications:
             self.unpublish(key)
 
 
-def synchronize(comm, state: SharedState, strategy: SyncStrategy) -> SyncInfo:
+class Transfers(Protocol):
+    """The native side of a sync (:class:`pccl._native.NativeComm` has it)."""
+
+    def publish(self, key: int, address: int, nbytes: int) -> None: ...
+
+    def unpublish(self, key: int) -> int: ...
+
+    def fetch(
+        self, address: str, key: int, offset: int, nbytes: int, dst: int,
+        timeout: float | None = ...,
+    ) -> tuple[int, errors.PcclError | None]: ...
+
+
+class SyncPort(Protocol):
+    """What :func:`synchronize` needs from a communicator: its native
+    transfers and three exchanges with the master.  The communicator builds
+    one per sync (``Communicator._sync_port``), after checking it is
+    connected and admitted."""
+
+    @property
+    def transfers(self) -> Transfers: ...
+
+    def plan(self, report: dict[str, Any]) -> dict[str, Any]:
+        """Send a ``sync_state`` report (without ``type``/``req``) and
+        return the master's ``sync_plan``."""
+        ...
+
+    def done(self, revision: int, ok: bool) -> None:
+        """Tell the master this receiver's fetches ended (``sync_done``)."""
+        ...
+
+    def wait_released(self, revision: int) -> None:
+        """Block until the master releases the distributors (``sync_end``)."""
+        ...
+
+
+def synchronize(port: SyncPort, state: SharedState, strategy: SyncStrategy) -> SyncInfo:
     """The body of :meth:`pccl.Communicator.sync_shared_state`."""
     if not isinstance(state, SharedState):
         raise errors.InvalidArgumentError(
@@ -394,8 +412,7 @@ def synchronize(comm, state: SharedState, strategy: SyncStrategy) -> SyncInfo:
         strategy = SyncStrategy(strategy)
     except ValueError:
         raise errors.InvalidArgumentError(f"unknown SyncStrategy {strategy!r}") from None
-    link = comm._check_connected()
-    native = comm._native
+    native = port.transfers
     clock = [time.perf_counter()]
     timings: dict[str, float] = {}
 
@@ -414,13 +431,8 @@ def synchronize(comm, state: SharedState, strategy: SyncStrategy) -> SyncInfo:
             # Published before the report, so a receiver never asks too early.
             for e in entries:
                 pubs.publish(e)
-        req = next(comm._req)
-        key = ("sync", req)
-        fut = link.expect(key)
-        link.send(
+        plan = port.plan(
             {
-                "type": "sync_state",
-                "req": req,
                 "revision": state.revision,
                 "strategy": strategy.value,
                 "tensors": [
@@ -430,7 +442,6 @@ def synchronize(comm, state: SharedState, strategy: SyncStrategy) -> SyncInfo:
                 ],
             }
         )
-        plan = link.wait(key, fut, None, "sync_shared_state")
         lap("plan")
         if plan["error"]:
             cls = errors.InvalidArgumentError if plan["error"] == "invalid" else errors.StateError
@@ -462,13 +473,12 @@ def synchronize(comm, state: SharedState, strategy: SyncStrategy) -> SyncInfo:
                 ok = True
             finally:
                 try:
-                    link.send({"type": "sync_done", "revision": revision, "ok": ok})
+                    port.done(revision, ok)
                 except errors.PcclError:
                     pass  # the link's own error is what the caller sees next
             lap("fetch")
         if plan["serve"]:
-            end = ("sync_end", revision)
-            link.wait(end, link.expect(end), None, "shared-state transfer")
+            port.wait_released(revision)
             lap("serve")
     finally:
         pubs.unpublish_all()

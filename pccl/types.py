@@ -6,6 +6,7 @@ part of the wire format); a test checks they agree with the compiled core.
 
 from __future__ import annotations
 
+import abc
 import enum
 from dataclasses import dataclass
 
@@ -52,3 +53,26 @@ class ReduceInfo:
     world_size: int
     tx_bytes: int
     rx_bytes: int
+
+
+class ReduceHandle(abc.ABC):
+    """An operation in flight, as ``all_reduce_async`` returns it on both
+    :class:`pccl.Communicator` and :class:`pccl.StaticRing`.
+
+    ``wait(timeout=None)`` blocks until the operation ends and returns its
+    :class:`ReduceInfo` or raises its error; calling it again returns or
+    raises the same.  With a ``timeout`` (seconds) that passes first,
+    :class:`pccl.PcclTimeoutError` is raised and the operation carries on:
+    call ``wait`` again.  The buffers stay in use until ``wait`` returned
+    or raised.
+    """
+
+    __slots__ = ()
+
+    @abc.abstractmethod
+    def wait(self, timeout: float | None = None) -> ReduceInfo:
+        """The operation's :class:`ReduceInfo` (see the class doc)."""
+
+    @abc.abstractmethod
+    def done(self) -> bool:
+        """True once ``wait()`` has returned or raised (not on a timeout)."""

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 import pccl
-from pccl.master import protocol
+from pccl import _wire as protocol
 from pccl.testing.peer_worker import MasterProcess
 
 HEARTBEAT_TIMEOUT = 1.5
@@ -351,8 +351,10 @@ class FakeMaster:
 
     def __init__(self, verdicts=(), on_op_done: str = "reply"):
         self.verdicts = list(verdicts)
-        self.on_op_done = on_op_done  # "reply", "evict", "close" or "ignore"
+        self.on_op_done = on_op_done  # "reply", "evict", "close", "ignore" or "hold"
         self.received: list[dict] = []
+        self.held: list[tuple[socket.socket, dict]] = []  # op_done kept by "hold"
+        self.send_lock = threading.Lock()
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
         self.thread = threading.Thread(target=self._serve, daemon=True)
@@ -360,7 +362,21 @@ class FakeMaster:
         self.thread.start()
 
     def _send(self, sock, msg):
-        sock.sendall(protocol.encode(msg))
+        with self.send_lock:
+            sock.sendall(protocol.encode(msg))
+
+    def _outcome(self, sock, msg, ok: bool = True):
+        self._send(
+            sock,
+            {"type": "op_outcome", "epoch": msg["epoch"], "tag": msg["tag"],
+             "seq": msg["seq"], "ok": ok},
+        )
+
+    def release(self):
+        """Answer the op_done messages "hold" kept (ok), from the caller's thread."""
+        held, self.held = self.held, []
+        for sock, msg in held:
+            self._outcome(sock, msg)
 
     def _recv(self, sock, buf: bytearray) -> dict | None:
         while True:
@@ -423,6 +439,9 @@ class FakeMaster:
                             return
                         if self.on_op_done == "ignore":
                             continue
+                        if self.on_op_done == "hold":
+                            self.held.append((sock, msg))
+                            continue
                         ok = self.verdicts.pop(0) if self.verdicts else True
                         self._send(
                             sock,
@@ -466,9 +485,11 @@ def test_in_place_input_is_unchanged_when_the_master_rules_failure(fake_master, 
     c.connect(timeout=10)
     x = np.arange(1000, dtype=np.float32)
     before = x.copy()
+    assert c.epoch == 1
     with pytest.raises(pccl.PeerLostError):
         c.all_reduce(x, op=pccl.ReduceOp.AVG)
     assert x.tobytes() == before.tobytes()
+    assert c.epoch is None  # no working ring until update_topology (not the stale 1)
     assert [m["ring_ok"] for m in fm.received if m["type"] == "update_topology"] == []
     c.update_topology(timeout=10)  # reports the broken ring, gets epoch 2
     assert fm.received[-2]["type"] == "update_topology" and not fm.received[-2]["ring_ok"]
@@ -533,3 +554,47 @@ def _freeze_fake(fm: FakeMaster) -> None:
         original(sock, msg)
 
     fm._send = silent  # type: ignore[method-assign]
+
+
+def test_handle_wait_timeout_names_the_step_and_keeps_the_operation(fake_master, comms):
+    """One handle type on both sides; a wait() that times out says which
+    step it was in and after how long, and a later wait() still completes."""
+    fm = fake_master(on_op_done="hold")
+    c = pccl.Communicator(fm.address)
+    comms.append(c)
+    c.connect(timeout=10)
+    x = np.arange(8, dtype=np.float32)
+    before = x.copy()
+    h = c.all_reduce_async(x)
+    assert isinstance(h, pccl.ReduceHandle)
+    for _ in range(2):
+        with pytest.raises(pccl.PcclTimeoutError) as ei:
+            h.wait(timeout=0.2)
+        assert "verdict" in str(ei.value) and "0.2 s" in str(ei.value), str(ei.value)
+        assert not h.done()
+    deadline = time.monotonic() + 10
+    while not fm.held and time.monotonic() < deadline:
+        time.sleep(0.01)  # the fake's thread files the op_done it read
+    assert fm.held
+    fm.release()
+    info = h.wait(timeout=10)
+    assert info.world_size == 1 and h.done()
+    assert x.tobytes() == before.tobytes()
+    assert [m["type"] for m in fm.received].count("op_done") == 1  # reported once
+    with pytest.raises(TypeError):
+        c.all_reduce(x, None, pccl.ReduceOp.SUM)  # op is keyword-only
+
+
+def test_finaliser_does_not_block_on_the_network(fake_master):
+    """__del__ never says leave nor drains the socket: it closes it."""
+    fm = fake_master()
+    c = pccl.Communicator(fm.address)
+    c.connect(timeout=10)
+    t0 = time.monotonic()
+    c.__del__()
+    took = time.monotonic() - t0
+    fm.thread.join(timeout=10)  # the fake sees the close and returns
+    assert not fm.thread.is_alive()
+    assert "leave" not in [m["type"] for m in fm.received]
+    assert took < 0.9, took  # close() may drain the socket for up to 1 s
+    c.close()  # then idempotent

@@ -4,24 +4,16 @@ misuse errors, and bit-identical outer state across real peers (a real
 ``pccl-master``, peers as processes) through a SIGKILL between outer steps,
 one mid-reduction, and a join (the join needs shared state: issue 4).
 
-The peer processes run this file as a script (``--worker``), from a
-scratch directory so the installed pccl is imported, driven by JSON lines
-on stdin: one ``go`` = H inner steps and the outer step; each outer step is
-answered with a hash of the shared state (outer parameters, momentum,
-counter).  Every wait is bounded and every process is killed at the end.
+The peer processes are :mod:`pccl.testing.diloco_worker` workers, driven by
+JSON lines on stdin: one ``go`` = H inner steps and the outer step; each
+outer step is answered with a hash of the shared state (outer parameters,
+momentum, counter).  Every wait is bounded and every process is killed at
+the end.
 """
 
 from __future__ import annotations
 
-import argparse
-import hashlib
-import json
-import os
-import queue
 import signal
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 
@@ -30,6 +22,8 @@ import torch
 
 import pccl
 from pccl.diloco import AsyncDiLoCo, DiLoCo
+from pccl.testing.diloco_worker import WAIT, DiLoCoPeer, TinyLM, batches, inner_step
+from pccl.testing.procs import MasterProcess
 
 # --------------------------------------------------------------------------
 # Single-process checks.
@@ -151,29 +145,6 @@ def test_outer_update_is_torch_sgd():
             ref_opt.step()
             for mine, theirs in zip(diloco.outer_parameters, ref, strict=True):
                 assert torch.equal(mine, theirs.detach())
-
-
-class TinyLM(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.emb = torch.nn.Embedding(11, 8)
-        self.hidden = torch.nn.Linear(8, 16)
-        self.out = torch.nn.Linear(16, 11)
-
-    def forward(self, x):
-        return self.out(torch.tanh(self.hidden(self.emb(x))))
-
-
-def batches(seed: int, n: int):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 11, (12,), generator=g) for _ in range(n)]
-
-
-def inner_step(model, opt, x):
-    opt.zero_grad()
-    logits = model(x[:-1])
-    torch.nn.functional.cross_entropy(logits, x[1:]).backward()
-    opt.step()
 
 
 def diloco_run(comm, H=4, outer_steps=3, quantization=pccl.Quantization.NONE):
@@ -394,110 +365,21 @@ def test_misuse_is_refused_clearly():
 # Real peers: a pccl-master subprocess and one process per peer.
 
 H = 3
-WAIT = 60.0  # seconds, for any one reply
-
-
-class Peer:
-    """One worker process (this file run with --worker)."""
-
-    def __init__(
-        self, workdir: str, master: str, index: int, *, world: int, seed: int, async_: bool
-    ):
-        self.index = index
-        self.stderr_path = os.path.join(workdir, f"peer{index}.stderr")
-        self._stderr = open(self.stderr_path, "wb")
-        env = dict(os.environ)
-        env.pop("PYTHONPATH", None)
-        env["OMP_NUM_THREADS"] = "1"
-        argv = [
-            sys.executable,
-            os.path.abspath(__file__),
-            "--worker",
-            "--master",
-            master,
-            "--index",
-            str(index),
-            "--world",
-            str(world),
-            "--seed",
-            str(seed),
-            "--sync-every",
-            str(H),
-        ]
-        if async_:
-            argv.append("--async")
-        self.proc = subprocess.Popen(
-            argv,
-            cwd=workdir,
-            env=env,
-            text=True,
-            bufsize=1,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._stderr,
-        )
-        self._events: queue.Queue = queue.Queue()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self._events.put(json.loads(line))
-        self._events.put(None)
-
-    def send(self, cmd: str, **fields) -> None:
-        self.proc.stdin.write(json.dumps({"cmd": cmd, **fields}) + "\n")
-        self.proc.stdin.flush()
-
-    def expect(self, event: str, timeout: float = WAIT) -> dict:
-        try:
-            msg = self._events.get(timeout=timeout)
-        except queue.Empty:
-            raise AssertionError(
-                f"peer{self.index}: no {event} in {timeout} s\n" + self.stderr_tail()
-            ) from None
-        if msg is None or msg["event"] != event:
-            self._events.put(None)
-            raise AssertionError(
-                f"peer{self.index}: wanted {event}, got {msg}\n" + self.stderr_tail()
-            )
-        return msg
-
-    def stderr_tail(self) -> str:
-        self._stderr.flush()
-        with open(self.stderr_path, "rb") as f:
-            return f.read()[-4000:].decode(errors="replace")
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:  # pragma: no cover - a kernel problem
-            pass
-        for stream in (self.proc.stdin, self.proc.stdout):
-            try:
-                stream.close()
-            except OSError:
-                pass
-        self._reader.join(timeout=5)
-        self._stderr.close()
 
 
 class Run:
     def __init__(self, workdir: str, async_: bool):
-        from pccl.testing.peer_worker import MasterProcess
-
         self.workdir = workdir
         self.async_ = async_
         self.master = MasterProcess(
             workdir, heartbeat_timeout=2.0, heartbeat_interval=0.25, vote_timeout=20.0
         )
-        self.peers: list[Peer] = []
+        self.peers: list[DiLoCoPeer] = []
 
-    def start(self, index: int, world: int, seed: int = 7) -> Peer:
-        peer = Peer(
-            self.workdir, self.master.address, index, world=world, seed=seed, async_=self.async_
+    def start(self, index: int, world: int, seed: int = 7) -> DiLoCoPeer:
+        peer = DiLoCoPeer(
+            self.workdir, self.master.address, index, world=world, seed=seed,
+            sync_every=H, async_=self.async_,
         )
         self.peers.append(peer)
         return peer
@@ -517,7 +399,7 @@ def run(request, tmp_path) -> Iterator[Run]:
         r.close()
 
 
-def outer_steps(peers: list[Peer], **go) -> list[dict]:
+def outer_steps(peers: list[DiLoCoPeer], **go) -> list[dict]:
     """One outer step on every peer; checks the shared state is bit-identical."""
     for p in peers:
         p.send("go", **go)
@@ -528,7 +410,7 @@ def outer_steps(peers: list[Peer], **go) -> list[dict]:
     return replies
 
 
-def start_peers(run: Run, n: int) -> list[Peer]:
+def start_peers(run: Run, n: int) -> list[DiLoCoPeer]:
     peers = [run.start(i, world=n) for i in range(n)]
     for p in peers:
         p.expect("hello")
@@ -590,111 +472,3 @@ def test_newcomer_catches_up_bit_identical(run):
     for _ in range(3):
         replies = outer_steps(peers)
     assert {r["world"] for r in replies} == {4}
-
-
-# --------------------------------------------------------------------------
-# The worker (a child process).
-
-
-def _state_hash(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        h.update(name.encode())
-        h.update(tensors[name].detach().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:32]
-
-
-class _DyingComm:
-    """Forwards to the communicator; when armed, its next all_reduce_many of
-    more than one tensor starts every operation as all_reduce_many does
-    (tensor i = tag i, all in flight), waits until the first two succeeded,
-    and SIGKILLs this process."""
-
-    def __init__(self, comm):
-        self._comm = comm
-        self.armed = False
-
-    def __getattr__(self, name):
-        return getattr(self._comm, name)
-
-    def all_reduce_many(self, tensors, op=pccl.ReduceOp.SUM,
-                        quantization=pccl.Quantization.NONE, **kw):
-        if self.armed and len(tensors) > 1:
-            handles = [self._comm.all_reduce_async(t, op=op, quantization=quantization, tag=i)
-                       for i, t in enumerate(tensors)]
-            handles[0].wait()
-            handles[1].wait()
-            os.kill(os.getpid(), signal.SIGKILL)
-        return self._comm.all_reduce_many(tensors, op=op, quantization=quantization, **kw)
-
-
-def _worker_main(argv=None) -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--worker", action="store_true")
-    parser.add_argument("--master", required=True)
-    parser.add_argument("--index", type=int, required=True)
-    parser.add_argument(
-        "--world",
-        type=int,
-        required=True,
-        help="peers to wait for before training (0: join a running run)",
-    )
-    parser.add_argument("--seed", type=int, required=True)
-    parser.add_argument("--sync-every", type=int, required=True)
-    parser.add_argument("--async", dest="async_", action="store_true")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    import logging
-
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format=f"%(asctime)s peer{args.index} %(name)s %(message)s")
-
-    def emit(event: str, **fields) -> None:
-        sys.stdout.write(json.dumps({"event": event, **fields}) + "\n")
-        sys.stdout.flush()
-
-    torch.manual_seed(args.seed)
-    model = TinyLM()
-    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
-    data = batches(1000 + args.index, 10_000)
-    with pccl.Communicator(args.master, p2p_connections=2) as real_comm:
-        emit("hello")
-        real_comm.connect(timeout=60)
-        deadline = time.monotonic() + 60
-        while real_comm.world_size < args.world:  # peers that start together
-            assert time.monotonic() < deadline, "the others never arrived"
-            real_comm.update_topology(timeout=60)
-        comm = _DyingComm(real_comm)
-        cls = AsyncDiLoCo if args.async_ else DiLoCo
-        diloco = cls(model, comm, opt, sync_every=args.sync_every)
-        emit("ready", hash=_state_hash(diloco.shared_state()), outer_step=diloco.outer_step)
-        batch = iter(data)
-        for line in sys.stdin:
-            cmd = json.loads(line)
-            if cmd["cmd"] == "go":
-                comm.armed = bool(cmd.get("die_mid_reduce"))
-                info = None
-                while info is None:
-                    inner_step(model, opt, next(batch))
-                    info = diloco.step()
-                emit(
-                    "outer",
-                    hash=_state_hash(diloco.shared_state()),
-                    outer_step=info.outer_step,
-                    world=info.world_size,
-                    group=info.group_world_size,
-                )
-            elif cmd["cmd"] == "finish":
-                diloco.finish()
-                emit(
-                    "finished",
-                    hash=_state_hash(diloco.shared_state()),
-                    model_hash=_state_hash(dict(model.named_parameters())),
-                )
-            else:
-                break
-    return 0
-
-
-if __name__ == "__main__" and "--worker" in sys.argv:
-    sys.exit(_worker_main())

@@ -1,7 +1,10 @@
 """Peers that die or freeze in the middle of an all-reduce.
 
-A large SUM is started on every rank; once all ranks report "started" the
-parent sends the victim SIGKILL (or SIGSTOP).  Every survivor's call must
+A SUM is started on every rank but the victim, which withholds its part
+(it starts no operation, or the same one under another tag), so the
+survivors are certainly mid-operation when, once all ranks report
+"started", the parent sends the victim SIGKILL.  (The SIGSTOP test freezes
+a peer whose operation runs.)  Every survivor's call must
 fail quickly with a ConnectionError subclass (PeerLostError / AbortedError
 / RingBrokenError) and leave its input as it was, so the survivors can
 rebuild a ring among themselves and reduce the same inputs again.
@@ -17,7 +20,8 @@ import pytest
 from pccl.testing import RingCluster
 
 KILL_DEADLINE = 2.0  # seconds from SIGKILL to every survivor's failure
-ELEMENTS = 16 * 2**20  # 64 MiB of float32: far from done when the kill lands
+ELEMENTS = 1 << 20  # 4 MiB of float32; the survivors cannot finish without the victim
+FROZEN_ELEMENTS = 4 * 2**20  # 16 MiB: still running when SIGSTOP lands
 
 
 def _survivors_rebuild_and_reduce(cluster: RingCluster, survivors: list[int]) -> None:
@@ -45,16 +49,16 @@ def _survivors_rebuild_and_reduce(cluster: RingCluster, survivors: list[int]) ->
 
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize(
-    "world, victim, in_place, victim_started",
+    "world, victim, in_place, withhold",
     [
-        (2, 1, True, True),
-        (3, 0, False, True),
-        (4, 2, True, True),  # rank 0 is no neighbour of rank 2
-        (4, 1, True, False),  # the victim dies before it joins the op
+        (2, 1, True, "other_tag"),
+        (3, 0, False, "other_tag"),
+        (4, 2, True, "other_tag"),  # rank 0 is no neighbour of rank 2
+        (4, 1, True, "never"),  # the victim dies before it joins the op
     ],
     ids=["world2", "world3-out-of-place", "world4-non-neighbour", "world4-victim-not-joined"],
 )
-def test_sigkill_mid_operation(world, victim, in_place, victim_started):
+def test_sigkill_mid_operation(world, victim, in_place, withhold):
     survivors = [r for r in range(world) if r != victim]
     with RingCluster(world, connections=4) as cluster:
         for r in range(world):
@@ -63,13 +67,15 @@ def test_sigkill_mid_operation(world, victim, in_place, victim_started):
                     "cmd": "inflight",
                     "elements": ELEMENTS,
                     "in_place": in_place,
-                    "hold": r == victim and not victim_started,
+                    **({"withhold": withhold} if r == victim else {}),
                     "timeout": 15,
                 },
                 [r],
             )
         started = cluster.gather(60, what="started")
         assert all(m["event"] == "started" for m in started.values()), started
+        # Without the victim's part no survivor's operation can end: none has.
+        assert not any(cluster.workers[r].replies.qsize() for r in survivors)
         t_kill = time.monotonic()
         cluster.kill(victim, signal.SIGKILL)
         outcomes = cluster.gather(30, survivors, what="the outcome of the op")
@@ -99,7 +105,7 @@ def test_sigstop_frozen_peer_times_out():
     world, victim = 3, 1
     survivors = [0, 2]
     with RingCluster(world, connections=2, progress_timeout=progress) as cluster:
-        cluster.send({"cmd": "inflight", "elements": ELEMENTS // 4, "timeout": 20})
+        cluster.send({"cmd": "inflight", "elements": FROZEN_ELEMENTS, "timeout": 20})
         cluster.gather(60, what="started")
         t_stop = time.monotonic()
         cluster.kill(victim, signal.SIGSTOP)

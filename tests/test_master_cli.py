@@ -12,7 +12,7 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pccl.master.testing import MasterProcess, PeerClient
+from pccl.testing.master_client import MasterProcess, PeerClient
 
 FLAGS = [
     "--listen",

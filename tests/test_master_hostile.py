@@ -13,8 +13,8 @@ import struct
 import msgpack
 import pytest
 
-from pccl.master import protocol
-from pccl.master.testing import MasterProcess, PeerClient
+from pccl import _wire as protocol
+from pccl.testing.master_client import MasterProcess, PeerClient
 
 SECRET = b"correct horse battery staple"
 # Long enough that the bystander is never lost for silence during a test.

@@ -1,4 +1,4 @@
-"""pccl.master.protocol: framing, the schema table and the handshake MACs."""
+"""pccl._wire (the master protocol): framing, the schema table and the handshake MACs."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pccl.master import protocol
-from pccl.master.protocol import TO_MASTER, TO_PEER, ProtocolViolation
+from pccl import _wire as protocol
+from pccl._wire import TO_MASTER, TO_PEER, ProtocolViolation
 
 NONCE = b"n" * 32
 

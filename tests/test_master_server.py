@@ -8,7 +8,7 @@ import time
 import pytest
 
 from pccl.master import MasterNode
-from pccl.master.testing import PeerClient
+from pccl.testing.master_client import PeerClient
 
 
 def admitted_peer(address: str, **hello) -> PeerClient:

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pccl.master import protocol
+from pccl import _wire as protocol
 from pccl.master.state import ADMITTED, PENDING, Actions, MasterState
 
 HB_TIMEOUT = 3.0

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from pccl.master import protocol
+from pccl import _wire as protocol
 from pccl.master.state import ADMITTED, Actions, MasterState
 from pccl.master.sync import SyncReport, elect
 
@@ -246,3 +246,32 @@ def test_pending_peer_is_refused_and_an_emptied_group_forgets_its_revision(run):
     # The pending peer is admitted alone now, but it never held the state.
     assert run.state.peers[pid].state == ADMITTED
     assert 0 not in run.state.sync_revisions
+
+
+def test_election_is_not_quadratic_in_tensors():
+    # 64 peers x 1000 tensors and one joiner that must fetch every tensor:
+    # the master runs this on its only event loop, so it must stay far below
+    # the heartbeat timeout (3 s).  An election that rebuilds a name index
+    # per tensor and per sender takes several seconds here; one that indexes
+    # each report once takes a few tens of milliseconds.  The bound is a
+    # coarse sanity bound for a shared, noisy machine.
+    import time
+
+    n_tensors = 1000
+
+    def big(serial: int, revision: int, h: str) -> SyncReport:
+        ts = [
+            {"name": f"t{i:04d}", "dtype": "float32", "shape": [4], "nbytes": 16, "hash": H[h]}
+            for i in range(n_tensors)
+        ]
+        return SyncReport(f"p{serial}", serial, f"127.0.0.1:{9000 + serial}", serial,
+                          revision, "enforce_popular", ts)
+
+    reps = [big(i, 5, "a") for i in range(1, 65)] + [big(65, 0, "x")]
+    t0 = time.perf_counter()
+    rev, plans, elected = elect(reps, 4)
+    took = time.perf_counter() - t0
+    assert rev == 5 and len(elected) == n_tensors
+    assert len(plans["p65"].fetch) == n_tensors
+    assert all(p.ok for p in plans.values())
+    assert took < 1.0, f"election of 64 peers x {n_tensors} tensors took {took:.2f} s"

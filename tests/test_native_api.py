@@ -350,9 +350,22 @@ def test_rejects_partially_overlapping_out(ring1):
 @pytest.mark.parametrize("dtype", ["int8", "int16", "int32", "int64", "uint8"])
 def test_quantization_needs_a_float_dtype(ring1, dtype):
     x = np.ones(16, dtype)
-    with pytest.raises(pccl.NotSupportedError) as ei:
+    with pytest.raises(pccl.InvalidArgumentError) as ei:
         ring1.all_reduce(x, quantization=pccl.Quantization.UINT8_MINMAX)
     assert isinstance(ei.value, ValueError)
+    assert "floating dtype" in str(ei.value)
+    # The C core, asked the same directly, answers with the code of the
+    # same class: Python's early check and C's agree.
+    lib, ffi = _native.lib, _native.ffi
+    h = ffi.new("pccl_op_handle **")
+    addr = x.ctypes.data
+    rv = lib.pccl_comm_all_reduce_start(
+        ring1._comm, ffi.cast("void *", addr), ffi.cast("void *", addr), x.size,
+        int(_native.buffer_info(x)[2]), int(pccl.ReduceOp.SUM),
+        int(pccl.Quantization.UINT8_MINMAX), 0, h,
+    )
+    assert rv != 0
+    assert type(_native.error_for(rv)) is type(ei.value)
 
 
 def test_rejects_unknown_op_and_quantization(ring1):
@@ -452,7 +465,7 @@ def test_secret_must_not_be_empty():
 
 
 def test_all_reduce_without_a_ring():
-    with pccl.NativeComm() as comm:
+    with _native.NativeComm() as comm:
         with pytest.raises(pccl.StateError):
             comm.all_reduce(np.ones(4, np.float32))
 

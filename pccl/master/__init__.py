@@ -19,7 +19,8 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from .protocol import parse_hostport
+from .. import errors
+from .._wire import parse_hostport
 
 __all__ = ["MasterNode"]
 
@@ -32,6 +33,11 @@ class MasterNode:
 
     ``secret`` (bytes or str) turns on HMAC-SHA256 authentication; ``status``
     ("host:port") serves /status and /metrics.  Times are in seconds.
+
+    Errors are :class:`pccl.PcclError` subclasses: ``AddressError`` (an
+    address that does not parse), ``InvalidArgumentError`` (a bad setting),
+    ``PcclOSError`` (the port cannot be bound), ``StateError`` (started
+    twice), ``PcclTimeoutError`` (the thread did not start or stop in time).
     """
 
     def __init__(
@@ -42,17 +48,25 @@ class MasterNode:
         heartbeat_timeout: float = 3.0,
         vote_timeout: float = 30.0,
         status: str | None = None,
-    ):
-        self._host, self._port = parse_hostport(listen, allow_port_zero=True)
-        self._status = parse_hostport(status, allow_port_zero=True) if status else None
+    ) -> None:
+        try:
+            self._host, self._port = parse_hostport(listen, allow_port_zero=True)
+            self._status = parse_hostport(status, allow_port_zero=True) if status else None
+        except ValueError as exc:
+            raise errors.AddressError(str(exc)) from None
         if isinstance(secret, str):
             secret = secret.encode("utf-8")
         if secret is not None and not secret:
-            raise ValueError("secret must not be empty")
+            raise errors.InvalidArgumentError("secret must not be empty")
         if not 0 < heartbeat_interval < heartbeat_timeout:
-            raise ValueError("need 0 < heartbeat_interval < heartbeat_timeout")
+            raise errors.InvalidArgumentError(
+                "need 0 < heartbeat_interval < heartbeat_timeout, got "
+                f"{heartbeat_interval!r} and {heartbeat_timeout!r}"
+            )
         if vote_timeout <= 0:
-            raise ValueError("vote_timeout must be positive")
+            raise errors.InvalidArgumentError(
+                f"vote_timeout must be positive, got {vote_timeout!r}"
+            )
         self._secret = secret
         self._timeouts = (heartbeat_interval, heartbeat_timeout, vote_timeout)
         self._thread: threading.Thread | None = None
@@ -69,15 +83,17 @@ class MasterNode:
         """Start serving; returns once the port is bound (raises if it cannot be)."""
         with self._lock:
             if self._thread is not None:
-                raise RuntimeError("MasterNode already started")
+                raise errors.StateError("MasterNode already started")
             self._thread = threading.Thread(target=self._run, name="pccl-master", daemon=True)
             self._thread.start()
         if not self._bound.wait(START_TIMEOUT):
             self.stop()
-            raise TimeoutError("pccl-master did not start in time")
+            raise errors.PcclTimeoutError(
+                f"MasterNode.start: the master's thread did not bind within {START_TIMEOUT:g} s"
+            )
         if self._error is not None:
             self._thread.join(STOP_TIMEOUT)
-            raise self._error
+            raise _as_pccl_error(self._error, f"{self._host}:{self._port}")
         return self
 
     def stop(self) -> None:
@@ -94,7 +110,9 @@ class MasterNode:
                 pass
         thread.join(STOP_TIMEOUT)
         if thread.is_alive():
-            raise TimeoutError("pccl-master thread did not stop in time")
+            raise errors.PcclTimeoutError(
+                f"MasterNode.stop: the master's thread did not stop within {STOP_TIMEOUT:g} s"
+            )
 
     def __enter__(self) -> MasterNode:
         return self.start()
@@ -106,7 +124,8 @@ class MasterNode:
         return f"MasterNode(address={self.address!r})"
 
     def _run(self) -> None:
-        from .server import MasterServer, new_event_loop
+        from .._aio import new_event_loop
+        from .server import MasterServer
 
         loop = new_event_loop()
         server = MasterServer(
@@ -137,3 +156,17 @@ class MasterNode:
         finally:
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
+
+
+def _as_pccl_error(exc: BaseException, where: str) -> BaseException:
+    """The :class:`pccl.PcclError` for what stopped the master starting."""
+    if isinstance(exc, errors.PcclError) or not isinstance(exc, Exception):
+        return exc
+    if isinstance(exc, OSError):
+        err = errors.PcclOSError(f"pccl-master cannot listen on {where}: {exc.strerror or exc}")
+        err.errno = exc.errno
+        err.__cause__ = exc
+        return err
+    err = errors.PcclError(f"pccl-master failed to start on {where}: {exc}")
+    err.__cause__ = exc
+    return err

@@ -8,7 +8,7 @@ import logging
 import signal
 import sys
 
-from .protocol import parse_hostport
+from .._wire import parse_hostport
 
 DEFAULT_LISTEN = "0.0.0.0:48148"
 
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError) as exc:
             parser.error(f"--secret-file: {exc}")
 
-    from .server import new_event_loop
+    from .._aio import new_event_loop
 
     loop = new_event_loop()
     try:

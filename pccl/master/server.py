@@ -21,8 +21,8 @@ import logging
 import socket
 from typing import Any
 
-from . import protocol
-from .protocol import ProtocolViolation
+from .. import _wire as protocol
+from .._wire import ProtocolViolation
 from .state import Actions, Event, MasterState
 
 log = logging.getLogger("pccl.master")
@@ -40,15 +40,6 @@ MAX_CONNECTIONS = 4096
 _HEADER = protocol.HEADER.size
 _MAX_MESSAGE = protocol.MAX_MESSAGE
 _unpack_header = protocol.HEADER.unpack_from
-
-
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    """A uvloop loop when uvloop is installed, else the default loop."""
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
 
 
 def _quote(value: Any) -> str:

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from . import protocol
+from .. import _wire as protocol
 
 if TYPE_CHECKING:
     from .server import MasterServer

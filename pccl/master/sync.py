@@ -86,9 +86,11 @@ def _schema(report: SyncReport) -> tuple:
     )
 
 
-def _schema_difference(report: SyncReport, ref: dict[str, dict[str, Any]]) -> str:
-    """Why ``report``'s tensors do not fit the group's, naming a tensor."""
-    mine = report.by_name()
+def _schema_difference(
+    report: SyncReport, mine: dict[str, dict[str, Any]], ref: dict[str, dict[str, Any]]
+) -> str:
+    """Why ``report``'s tensors (``mine``: indexed by name) do not fit the
+    group's, naming a tensor."""
     if len(mine) != len(report.tensors):
         dup = Counter(t["name"] for t in report.tensors).most_common(1)[0][0]
         return f"tensor {dup!r} appears twice in this peer's shared state"
@@ -120,15 +122,44 @@ def next_revision(reports: list[SyncReport], last_revision: int | None) -> int:
     return max(senders or [r.revision for r in reports])
 
 
+Index = dict[str, dict[str, dict[str, Any]]]  # peer id -> tensor name -> tensor entry
+
+
 def elect(
     reports: list[SyncReport], last_revision: int | None
 ) -> tuple[int, dict[str, Plan], dict[str, bytes]]:
     """``(revision, plan per peer id, elected hash per tensor)``; an empty
-    hash map when nobody could be elected (every plan is then an error)."""
+    hash map when nobody could be elected (every plan is then an error).
+
+    Five phases, each a function below: refuse the peers ahead of the run,
+    pick the candidates that vote, elect the schema, elect the content per
+    tensor, plan the fetches.  Each report's tensors are indexed by name
+    once, so the election is linear in peers x tensors (it runs on the
+    master's only event loop, which also answers heartbeats)."""
     revision = next_revision(reports, last_revision)
     plans: dict[str, Plan] = {}
+    index: Index = {r.peer_id: r.by_name() for r in reports}
+    live = _refuse_ahead(sorted(reports, key=lambda r: r.serial), revision, plans)
+    current = _candidates(live, revision, plans)
+    if current is None:
+        return revision, plans, {}
+    ref = _elect_schema(live, current, index, plans)
+    live = [r for r in live if r.peer_id not in plans]
+    current = [r for r in current if r.peer_id not in plans]
+    elected = _elect_content(ref, current, index)
+    differing = _refuse_diverged_senders(live, ref, elected, index, plans)
+    live = [r for r in live if r.peer_id not in plans]
+    _plan_fetches(live, ref, elected, differing, index, plans)
+    return revision, plans, elected
+
+
+def _refuse_ahead(
+    reports: list[SyncReport], revision: int, plans: dict[str, Plan]
+) -> list[SyncReport]:
+    """Phase 1: refuse the peers whose revision is ahead of the run; the
+    others, in join order."""
     live: list[SyncReport] = []
-    for r in sorted(reports, key=lambda r: r.serial):
+    for r in reports:
         if r.revision > revision:
             plans[r.peer_id] = Plan(
                 STATE,
@@ -138,13 +169,20 @@ def elect(
             )
         else:
             live.append(r)
+    return live
 
+
+def _candidates(
+    live: list[SyncReport], revision: int, plans: dict[str, Plan]
+) -> list[SyncReport] | None:
+    """Phase 2: the peers whose content votes; None (every live peer
+    refused) when no peer may send."""
     senders = [r for r in live if r.strategy != RECEIVE_ONLY]
     if not senders:
         reason = "no peer of the group may send: every peer asked for RECEIVE_ONLY"
         for r in live:
             plans[r.peer_id] = Plan(STATE, reason)
-        return revision, plans, {}
+        return None
     # Nobody at the expected revision (every peer repeated or skipped a
     # revision): the most recent content present votes, as in PCCL, rather
     # than leaving the group stuck.
@@ -154,32 +192,55 @@ def elect(
     current = [r for r in senders if r.revision == newest]
     if any(r.strategy == SEND_ONLY for r in current):
         current = [r for r in current if r.strategy == SEND_ONLY]
+    return current
 
-    # The schema most candidates share; ties go to the earliest candidate.
-    counts = Counter(_schema(r) for r in current)
+
+def _elect_schema(
+    live: list[SyncReport], current: list[SyncReport], index: Index, plans: dict[str, Plan]
+) -> dict[str, dict[str, Any]]:
+    """Phase 3: the schema most candidates share (ties: the earliest
+    candidate's); every live peer with another schema is refused."""
+    schemas = {r.peer_id: _schema(r) for r in current}
+    counts = Counter(schemas.values())
     best = max(counts.values())
-    ref_report = next(r for r in current if counts[_schema(r)] == best)
-    ref = ref_report.by_name()
+    ref_report = next(r for r in current if counts[schemas[r.peer_id]] == best)
+    ref = index[ref_report.peer_id]
     for r in live:
-        why = _schema_difference(r, ref)
+        why = _schema_difference(r, index[r.peer_id], ref)
         if why:
             plans[r.peer_id] = Plan(INVALID, why)
-    live = [r for r in live if r.peer_id not in plans]
-    current = [r for r in current if r.peer_id not in plans]
+    return ref
 
-    # Per tensor, the most popular hash; ties to the earliest candidate's.
+
+def _elect_content(
+    ref: dict[str, dict[str, Any]], current: list[SyncReport], index: Index
+) -> dict[str, bytes]:
+    """Phase 4: per tensor, the most popular hash among the candidates;
+    ties to the earliest candidate's."""
     elected: dict[str, bytes] = {}
+    tables = [index[r.peer_id] for r in current]
     for name in ref:
-        votes = Counter(r.by_name()[name]["hash"] for r in current)
+        hashes = [t[name]["hash"] for t in tables]
+        votes = Counter(hashes)
         top = max(votes.values())
-        elected[name] = next(
-            r.by_name()[name]["hash"] for r in current if votes[r.by_name()[name]["hash"]] == top
-        )
+        elected[name] = next(h for h in hashes if votes[h] == top)
+    return elected
 
+
+def _refuse_diverged_senders(
+    live: list[SyncReport],
+    ref: dict[str, dict[str, Any]],
+    elected: dict[str, bytes],
+    index: Index,
+    plans: dict[str, Plan],
+) -> dict[str, list[str]]:
+    """Phase 5a: the tensors each live peer lacks; a SEND_ONLY peer that
+    lacks any is refused (it never receives)."""
+    names = sorted(ref)
     differing: dict[str, list[str]] = {}
     for r in live:
-        mine = r.by_name()
-        differing[r.peer_id] = [n for n in sorted(ref) if mine[n]["hash"] != elected[n]]
+        mine = index[r.peer_id]
+        differing[r.peer_id] = [n for n in names if mine[n]["hash"] != elected[n]]
         if differing[r.peer_id] and r.strategy == SEND_ONLY:
             plans[r.peer_id] = Plan(
                 STATE,
@@ -187,15 +248,32 @@ def elect(
                 "from the content the other SEND_ONLY peers hold, and a SEND_ONLY peer never "
                 "receives",
             )
-    live = [r for r in live if r.peer_id not in plans]
+    return differing
+
+
+def _plan_fetches(
+    live: list[SyncReport],
+    ref: dict[str, dict[str, Any]],
+    elected: dict[str, bytes],
+    differing: dict[str, list[str]],
+    index: Index,
+    plans: dict[str, Plan],
+) -> None:
+    """Phase 5b: each live peer's plan (what to fetch from whom), and the
+    ``serve`` flag of every distributor some receiver was sent to."""
     senders = [r for r in live if r.strategy != RECEIVE_ONLY]
+    # The senders holding the elected content, per tensor: computed once,
+    # only for the tensors somebody lacks.
+    wanted = {n for r in live for n in differing[r.peer_id]}
+    holders_of = {
+        n: [s for s in senders if index[s.peer_id][n]["hash"] == elected[n]] for n in wanted
+    }
     serving: set[str] = set()
     for i, r in enumerate(live):
         fetch = []
+        used: list[SyncReport] = []
         for name in differing[r.peer_id]:
-            holders = [
-                s for s in senders if s is not r and s.by_name()[name]["hash"] == elected[name]
-            ]
+            holders = [s for s in holders_of[name] if s is not r]
             if not holders:  # only when SEND_ONLY peers were refused above
                 plans[r.peer_id] = Plan(
                     STATE, f"no peer that may send holds the elected content of tensor {name!r}"
@@ -204,6 +282,7 @@ def elect(
             # Rotate per receiver, so receivers start on different distributors.
             k = i % len(holders)
             holders = (holders[k:] + holders[:k])[:MAX_SOURCES]
+            used.extend(holders)
             fetch.append(
                 {
                     "name": name,
@@ -214,12 +293,10 @@ def elect(
             )
         else:
             plans[r.peer_id] = Plan(fetch=fetch)
-            for f in fetch:
-                serving.update(s.peer_id for s in senders if s.p2p_address in f["from"])
+            serving.update(s.peer_id for s in used)
     for pid in serving:
         if plans[pid].ok:
             plans[pid].serve = True
-    return revision, plans, elected
 
 
 @dataclass

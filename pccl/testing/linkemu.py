@@ -67,6 +67,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .._aio import new_event_loop
+
 __all__ = ["LinkEmulator", "LinkStats", "Sink", "measure_flows", "parse_address", "ring_addresses"]
 
 _READ_SOFT_CAP = 256 * 1024
@@ -86,15 +88,6 @@ def parse_address(addr: Any) -> tuple[str, int]:
 
 def _fmt(addr: tuple[str, int]) -> str:
     return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
-
-
-def _new_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-
-        return uvloop.new_event_loop()
-    except ImportError:
-        return asyncio.new_event_loop()
 
 
 @dataclass
@@ -478,7 +471,7 @@ class LinkEmulator:
     def start(self) -> LinkEmulator:
         if self._thread is not None:
             return self
-        loop = _new_loop()
+        loop = new_event_loop()
         ready = threading.Event()
 
         def run() -> None:

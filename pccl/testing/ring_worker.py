@@ -46,6 +46,7 @@ class Worker:
         )
         self.x: Any = None  # the input of the last `inflight` command
         self.x_hash = ""
+        self._withheld: Any = None  # the victim's own op under another tag (inflight)
 
     def _make_ring(self, world, connections, slice_bytes=None, secret=None, progress_timeout=None):
         if self.ring is not None:
@@ -350,14 +351,25 @@ class Worker:
     # -- failures -----------------------------------------------------------------
 
     def cmd_inflight(self, msg: dict) -> dict:
-        """Start a large SUM and say "started"; report how it ended.  With
-        ``hold`` the worker only says "started" and never starts the op (a
-        peer that is killed before it joins)."""
+        """Start a SUM and say "started"; report how it ended.
+
+        ``withhold`` makes this worker the victim that withholds its part,
+        so that the others' operation cannot complete while it lives:
+        ``"never"`` starts no operation at all (a peer killed before it
+        joins); ``"other_tag"`` starts the same reduction under another tag
+        (its engine and connections busy, its frames parked at its
+        neighbour, none of them for the others' operation).  Either way it
+        says "started" and blocks until killed."""
         n = msg["elements"]
         in_place = msg.get("in_place", True)
         self.x = ref.ramp_input(n, self.rank)
         self.x_hash = ref.tensor_hash(self.x)
-        if msg.get("hold"):
+        withhold = msg.get("withhold")
+        if withhold is not None:
+            if withhold == "other_tag":
+                self._withheld = self.ring.all_reduce_async(self.x, tag=msg.get("tag", 0) + 1)
+            elif withhold != "never":
+                raise ValueError(f"withhold must be 'never' or 'other_tag', got {withhold!r}")
             self.send({"event": "started", "t": time.monotonic()})
             sys.stdin.readline()  # until killed
             return {"event": "released"}

@@ -201,12 +201,12 @@ class Peer:
             u.append(t)
         q = [contribution(a.seed, a.slot, rev, KIND_Q, j, n) for j in range(a.quantized)]
 
-        ring_u = (comm.epoch, list(comm._ring))
+        ring_u = (comm.epoch, list(comm._ring.order))
         comm.all_reduce_many(u, max_in_flight=a.unquantized)
-        after_u = (comm.epoch, list(comm._ring))
+        after_u = (comm.epoch, list(comm._ring.order))
         uint8 = pccl.Quantization.UINT8_MINMAX
         comm.all_reduce_many(q, quantization=uint8, max_in_flight=a.quantized)
-        after_q = (comm.epoch, list(comm._ring))
+        after_q = (comm.epoch, list(comm._ring.order))
 
         # Deterministic update from the reduced values (identical everywhere).
         upd = u[0][:n] * np.float32(1e-4) + q[0] * np.float32(1e-4)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import socket
 from collections.abc import Sequence
 
-from ..testing.procs import MasterProcess
-from . import protocol
+from .. import _wire as protocol
+from .procs import MasterProcess
 
 __all__ = ["MasterProcess", "PeerClient"]
 
