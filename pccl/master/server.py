@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
 from typing import Any
 
 from .. import _wire as protocol
 from .._wire import ProtocolViolation
+from .probing import SolveRequest
 from .state import Actions, Event, MasterState
+from .topology import propose_ring, solve_ring
 
 log = logging.getLogger("pccl.master")
 
@@ -447,6 +450,8 @@ class MasterServer:
             acts = work.pop(0)
             for event in acts.events:
                 self._log_event(event)
+            for request in acts.solves:
+                self._spawn(self._solve(request), f"solve-ring-{request.group}")
             overflowed: list[str] = []
             frames: dict[int, bytes] = {}
             for peer_id, msg in acts.sends:
@@ -474,6 +479,30 @@ class MasterServer:
                     conn.abort()
                 reason = "output buffer full (not reading)"
                 work.append(self.state.disconnect(peer_id, reason, self.now()))
+
+    async def _solve(self, request: SolveRequest) -> None:
+        """Run the ring solver in a worker thread (it may take its whole
+        time limit) and feed the result back to the state machine."""
+        loop = asyncio.get_running_loop()
+        try:
+            if request.passive:
+                fn = functools.partial(propose_ring, list(request.current_ring), request.matrix,
+                                       improvement=self.state.topology_improvement)
+            else:
+                fn = functools.partial(solve_ring, request.matrix, peers=list(request.peers))
+            solution = await loop.run_in_executor(None, fn)
+        except Exception:
+            log.exception(logline(event="bug", group=request.group, reason="ring solver failed"))
+            solution = None
+        if not self._stopped:
+            self._apply(self.state.topology_solved(request, solution, self.now()))
+            if solution is not None and not request.passive:
+                res = self.state.topology_results.get(request.group, {})
+                log.info(logline(event="topology", group=request.group,
+                                 ring=" ".join(res.get("ring", [])),
+                                 bottleneck=res.get("bottleneck"),
+                                 probes=res.get("probes"), probe_s=res.get("probe_seconds"),
+                                 reason=res.get("reason") or None))
 
     def _log_event(self, event: Event) -> None:
         if event.kind == "epoch":
