@@ -106,7 +106,7 @@ class MasterState:
         max_decided_ops: int = 65536,
         max_events: int = 100,
         sync_timeout: float = 600.0,
-        probe_seconds: float = 0.3,
+        probe_seconds: float = 0.2,
         topology_max_age: float = 300.0,
         topology_improvement: float = 0.2,
     ):
@@ -752,7 +752,7 @@ class MasterState:
         # A probe that reports nothing this long after it was sent counts
         # as failed (its edge unreachable); the fetches themselves give up
         # after a few seconds without progress.
-        self.probe_timeout = probe_seconds * 4 + 10.0
+        self.probe_timeout = probe_seconds * 8 + 10.0
         self.topology_improvement = improvement
         self.topology = probing.EdgeStore(max_age=max_age)
         self.optimize_rounds: dict[int, probing.OptimizeRound] = {}
