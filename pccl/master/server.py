@@ -255,6 +255,8 @@ class MasterServer:
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
         status: tuple[str, int] | None = None,
         max_connections: int = MAX_CONNECTIONS,
+        probe_seconds: float = 0.2,
+        topology_max_age: float = 300.0,
     ):
         self.host = host
         self.port = port
@@ -266,6 +268,8 @@ class MasterServer:
             heartbeat_timeout=heartbeat_timeout,
             vote_timeout=vote_timeout,
             sync_timeout=sync_timeout,
+            probe_seconds=probe_seconds,
+            topology_max_age=topology_max_age,
         )
         # Silence is detected by the ticker (state.tick): a welcomed peer is
         # lost between heartbeat_timeout and heartbeat_timeout + tick_interval
