@@ -464,6 +464,17 @@ class NativeComm:
             )
         return int(got[0]), (error_for(rv, f"fetch from {address}") if rv else None)
 
+    def link_stats(self) -> tuple[int, int]:
+        """``(bytes, busy_ns)`` of the outbound ring link as of the last
+        completed op: bytes written while the link was the limit, and for
+        how long (cumulative; see ``pccl_comm_link_stats``)."""
+        if self._closed:
+            return 0, 0
+        b = ffi.new("uint64_t *")
+        ns = ffi.new("uint64_t *")
+        check(lib.pccl_comm_link_stats(self._comm, b, ns), "link stats")
+        return int(b[0]), int(ns[0])
+
     # -- lifetime -----------------------------------------------------------
 
     def abort(self) -> None:

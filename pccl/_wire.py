@@ -367,6 +367,28 @@ SCHEMAS[TO_PEER].update({
     },
 })
 
+# Optional fields: present or absent, nothing else.  op_done may carry the
+# sender's passive link sample (native link_stats deltas since its last
+# report) for the master's per-edge estimates.
+OPTIONAL: dict[str, dict[str, dict[str, Callable[[Any], str | None]]]] = {
+    TO_MASTER: {"op_done": {"link_bytes": _uint, "link_busy_ns": _uint}},
+}
+
+
+def _optional_ok(msg: dict, kind: str, direction: str, keys: frozenset) -> bool:
+    """Whether ``msg`` is the required keys plus valid optional ones."""
+    extra = OPTIONAL.get(direction, {}).get(kind)
+    if not extra or not keys <= msg.keys():
+        return False
+    for key in msg.keys() - keys:
+        check = extra.get(key)
+        if check is None:
+            return False
+        error = check(msg[key])
+        if error:
+            raise ProtocolViolation(f"{kind}.{key}: {error}")
+    return True
+
 # SCHEMAS prepared for validate(): per direction and type, the exact key set
 # of a well-formed message and its (field, checker) pairs.
 _COMPILED = {
@@ -397,7 +419,9 @@ def validate(msg: Any, direction: str) -> dict:
     if compiled is None:
         raise ProtocolViolation(f"unknown message type {kind[:64]!r} ({direction})")
     keys, checks = compiled
-    if msg.keys() != keys:
+    if msg.keys() != keys and _optional_ok(msg, kind, direction, keys):
+        pass
+    elif msg.keys() != keys:
         for key in msg:
             if key not in keys:
                 raise ProtocolViolation(f"{kind}: unexpected field {str(key)[:64]!r}")

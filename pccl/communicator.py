@@ -180,6 +180,8 @@ class _MasterReduceHandle(ReduceHandle):
             if not self._reported:
                 report = {"type": "op_done", "epoch": epoch, "tag": tag, "seq": seq}
                 report["ok"] = local_error is None
+                if local_error is None:
+                    comm._link_sample(report)  # passive measurement (docs/topology.md)
                 self._reported = True
                 verdict = link.request(key, report, deadline.remaining(step), step)
             else:  # a wait() that timed out before: the verdict may be in already
@@ -558,6 +560,20 @@ class Communicator:
 
     # ------------------------------------------------------------------
     # Topology optimisation (pccl/_probe.py, docs/topology.md).
+
+    def _link_sample(self, report: dict) -> None:
+        """Add the outbound link's busy bytes and time since the last
+        report to an ``op_done`` (nothing when the link never was the limit)."""
+        native = self._native
+        if native is None:
+            return
+        nbytes, busy_ns = native.link_stats()
+        last = getattr(self, "_link_last", (0, 0))
+        self._link_last = (nbytes, busy_ns)
+        db, dns = nbytes - last[0], busy_ns - last[1]
+        if db > 0 and dns > 0:
+            report["link_bytes"] = db
+            report["link_busy_ns"] = dns
 
     def optimize_topology(self, timeout: float | None = None) -> _probe.TopologyInfo:
         """Measure the links of this peer group and choose the ring whose

@@ -190,3 +190,36 @@ def test_single_peer_optimize_answers_at_once(run):
     _solve(run, acts.solves[0])
     info = run.take(a, "topology_info")[0]
     assert info["ring"] == [a] and info["feasible"] and not info["install"]
+
+
+def test_passive_samples_reroute_a_degraded_ring_edge(run):
+    from pccl.master.topology import propose_ring
+
+    ids = run.form(0, 0, 0, 0)
+    rates = {(x, y): 100e6 for x in ids for y in ids if x != y}
+    _call_all(run, ids)
+    _, solves = _drive(run, ids, rates)
+    _solve(run, solves[0])
+    ring = list(run.state.rings[0])
+    assert 0 not in run.state.proposed_rings  # uniform: the join-order ring is optimal
+    epoch = run.state.epoch
+    a, b = ring[0], ring[1]
+    # a -> b degrades to 10 MB/s: its op_done reports 1 MB over 0.1 s busy.
+    acts = run.send(a, type="op_done", epoch=epoch, tag=0, seq=1, ok=True,
+                    link_bytes=10**6, link_busy_ns=10**8)
+    (req,) = acts.solves
+    assert req.passive and req.current_ring == tuple(ring)
+    assert run.state.topology.edges[(a, b)].source == probing.PASSIVE
+    assert run.state.topology.edges[(a, b)].bytes_per_s < 60e6  # blended toward 10 MB/s
+    # Too short a busy time says nothing; a second solve waits for the first.
+    acts = run.send(b, type="op_done", epoch=epoch, tag=0, seq=1, ok=True,
+                    link_bytes=10**3, link_busy_ns=10**6)
+    assert acts.solves == []
+    solution = propose_ring(list(req.current_ring), req.matrix)
+    assert solution is not None
+    run.apply(run.state.topology_solved(req, solution, run.now))
+    assert ("reroute", None) in run.events
+    new = run.state.proposed_rings[0]
+    assert (a, b) not in {(x, new[(i + 1) % 4]) for i, x in enumerate(new)}
+    run.vote_all(req=20)
+    assert run.state.rings[0] == new and run.state.epoch == epoch + 1

@@ -281,6 +281,8 @@ class MasterState:
             self._ring_ready(peer, msg["epoch"], msg["ok"], now, acts)
         elif kind == "op_done":
             self._op_done(peer, msg["epoch"], msg["tag"], msg["seq"], msg["ok"], now, acts)
+            if "link_bytes" in msg and peer.peer_id in self.peers:
+                self._passive_sample(peer, msg, now, acts)
         elif kind == "leave":
             self._remove(peer, "left", "peer left", now, acts)
         elif kind == "sync_state":
@@ -761,6 +763,9 @@ class MasterState:
         self.topology_results: dict[int, dict[str, Any]] = {}  # last solve per group
         self._solve_tokens = itertools.count(1)
         self._passive_pending = False  # a passive re-solve is running
+        self._last_passive: dict[int, float] = {}
+        self.passive_min_busy = 0.05  # seconds of link-limited time a sample needs
+        self.passive_interval = 1.0  # seconds between re-solves of one group
 
     def _apply_ring_orders(self) -> None:
         """At a new epoch: install proposed rings, and keep earlier
@@ -904,8 +909,16 @@ class MasterState:
         elif ring is not None and set(ring) != set(members):
             ring, reason = None, "membership changed while solving"
         install = False
+        bottleneck = 0.0 if ring is None else _finite(solution.bottleneck)
+        predicted = 0.0 if ring is None else _finite(solution.predicted_bus_bandwidth)
         if ring is not None:
             current = self.rings.get(request.group, [])
+            if set(current) == set(ring) and len(ring) > 1:
+                # The current ring as good as the solution (a tie): keep it,
+                # rewiring would only cost its connections.
+                cur = min(request.matrix.get(e, 0.0) for e in self._ring_edges(current))
+                if cur > 0 and cur >= bottleneck * (1 - 1e-9):
+                    ring, bottleneck, predicted = list(current), cur, cur
             if self._ring_edges(ring) != self._ring_edges(current):
                 self.proposed_rings[request.group] = list(ring)
                 install = True
@@ -916,9 +929,8 @@ class MasterState:
             "ring": list(ring or []),
             "feasible": ring is not None,
             "reason": reason,
-            "bottleneck": 0.0 if ring is None else _finite(solution.bottleneck),
-            "predicted_bus_bandwidth": 0.0 if ring is None
-            else _finite(solution.predicted_bus_bandwidth),
+            "bottleneck": bottleneck,
+            "predicted_bus_bandwidth": predicted,
             "probes": rnd.probes,
             "probe_seconds": round(max(0.0, now - rnd.probe_started_at), 4),
             "install": install,
@@ -972,6 +984,29 @@ class MasterState:
         self._event(acts, "reroute", now, None,
                     reason=f"group {request.group}: live estimates propose ring "
                     + " ".join(solution.ring))
+
+    def _passive_sample(self, peer: Peer, msg: dict, now: float, acts: Actions) -> None:
+        """A completed collective's link sample: the sender's outbound
+        edge (to its ring successor) carried ``link_bytes`` in
+        ``link_busy_ns`` while it was the limit."""
+        ring = self.rings.get(peer.group, [])
+        if msg["epoch"] != self.epoch or peer.peer_id not in ring or len(ring) < 2:
+            return
+        busy = msg["link_busy_ns"] / 1e9
+        if busy < self.passive_min_busy:
+            return  # too short to say anything (a burst into an empty socket buffer)
+        succ = ring[(ring.index(peer.peer_id) + 1) % len(ring)]
+        self.topology.passive(peer.peer_id, succ, msg["link_bytes"] / busy, now)
+        self.counters["passive_samples"] = self.counters.get("passive_samples", 0) + 1
+        g = peer.group
+        if (self._passive_pending or g in self.optimize_rounds or g in self.proposed_rings
+                or now - self._last_passive.get(g, -1e18) < self.passive_interval):
+            return
+        self._last_passive[g] = now
+        self._passive_pending = True
+        acts.solves.append(probing.SolveRequest(
+            group=g, token=0, peers=tuple(ring), matrix=self.topology.matrix(ring),
+            current_ring=tuple(ring), passive=True))
 
     def _topology_forget(self, peer: Peer, now: float, acts: Actions) -> None:
         """A peer left the run: its edges go; an optimize round goes on
