@@ -37,6 +37,10 @@ OVERRIDES = {(2, 3): SLOW, (5, 0): SLOW, (1, 4): SLOW, (4, 1): SLOW, (3, 5): SLO
 SIZE = 64 << 20
 TOL = 0.15
 PROBE_S = 0.4
+K = 1  # p2p_connections: no delay here, one connection fills a link (see the probe)
+TRAIN_STEPS = 6
+TRAIN_BYTES = 16 << 20
+MAX_REROUTE_STEPS = 3  # steps on the throttled edge before the ring leaves it
 
 
 class _Master(Child):
@@ -85,7 +89,8 @@ def testbed():
             for i in range(N):  # one at a time: the join order is h0..h5
                 w = JsonChild(["ip", "netns", "exec", tb.ns(f"h{i}"), sys.executable, "-m",
                                "pccl.testing.topology_worker", "--master", master.address,
-                               "--listen", tb.peer(i), "--world", str(N)], work, f"h{i}")
+                               "--listen", tb.peer(i), "--world", str(N),
+                               "--connections", str(K)], work, f"h{i}")
                 workers.append(w)
                 master.wait_for_log(rf"joined.*peer=p{i + 1}\b", timeout=30)
             ready = [w.wait_event("ready", 60) for w in workers]
@@ -139,7 +144,32 @@ def test_optimize_topology_speeds_up_the_ring(testbed):
           f"ratio {factor / factor_pred:.3f}")
     print(json.dumps({"probe_s": info["probe_seconds"], "factor": factor,
                       "factor_predicted": factor_pred}))
+
+    # Passive measurement: throttle a fast edge of the installed ring while
+    # training runs; the ring moves off it with no optimize_topology().
+    src, dst = host[ring[0]], host[ring[1]]
+    for w in workers:
+        w.write_line({"cmd": "train", "steps": TRAIN_STEPS, "bytes": TRAIN_BYTES}, "train")
+    workers[0].wait_event("step", 60, step=0)
+    tb.set_edge_rate(src, dst, SLOW)
+    throttled_at = 1  # step 0 ended before the throttle; step 1 runs on it
+    replies = [w._get(w.replies, 240, "train reply") for w in workers]
+    for w, r in zip(workers, replies, strict=True):
+        assert r.get("ok"), f"{w.label}: {r.get('error')}\n{r.get('trace', '')}"
+    steps = replies[0]["steps"]
+    moved = [s["step"] for s in steps if not _uses(s["next_ring"], ring[0], ring[1])]
+    print(f"throttled {src}->{dst} before step {throttled_at}; step times "
+          f"{[round(s['seconds'], 2) for s in steps]}; ring off it after step "
+          f"{moved[0] if moved else None}")
+    assert moved, "passive measurement never moved the ring off the throttled edge"
+    assert moved[0] - throttled_at <= MAX_REROUTE_STEPS
+    assert all(not _uses(s["ring"], ring[0], ring[1]) for s in steps if s["step"] > moved[0])
+
     assert abs(factor / factor_pred - 1) <= TOL, (factor, factor_pred)
+
+
+def _uses(ring: list[str], a: str, b: str) -> bool:
+    return any(x == a and ring[(i + 1) % len(ring)] == b for i, x in enumerate(ring))
 
 
 def _same_cycle(a: list[str], b: list[str]) -> bool:

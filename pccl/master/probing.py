@@ -73,8 +73,12 @@ class EdgeStore:
             del self.edges[key]
 
     def needs_probe(self, src: str, dst: str, now: float) -> bool:
+        """Unknown, stale, or known only from live traffic: a passive
+        sample of an edge that was not the ring's limit reads low (its
+        sender also waits when the receiver is slow to read), so a probe
+        re-measures it."""
         edge = self.edges.get((src, dst))
-        return edge is None or now - edge.at > self.max_age
+        return edge is None or edge.source == PASSIVE or now - edge.at > self.max_age
 
     def matrix(self, peers: list[str]) -> dict[tuple[str, str], float]:
         """``{(src, dst): bytes/s}`` among ``peers``; unknown and unreachable
