@@ -16,6 +16,7 @@ from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
 from importlib.metadata import version as _distribution_version
 
 from ._native import StaticRing, version
+from ._probe import TopologyInfo
 from .communicator import Communicator
 from .errors import (
     AbortedError,
@@ -79,5 +80,6 @@ __all__ = [
     "StaticRing",
     "SyncInfo",
     "SyncStrategy",
+    "TopologyInfo",
     "version",
 ]

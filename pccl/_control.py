@@ -704,6 +704,8 @@ class MasterLink:
             self._resolve(("sync", msg["req"]), msg)
         elif kind == "sync_end":
             self._resolve(("sync_end", msg["revision"]), msg)
+        elif kind in ("probe", "topology_info"):  # optimize_topology: pccl/_probe.py
+            self._resolve(("topo", msg["req"], msg["step"]), msg)
         elif kind == "evicted":
             self._fail(
                 errors.EvictedError,

@@ -777,6 +777,16 @@ class NativeComm:
         """The control plane lost this peer: its sends/recvs fail now and later."""
         if not self._closed:
             check(lib.pccl_comm_peer_lost(self._comm, peer_number), "peer lost")
+    def link_stats(self) -> tuple[int, int]:
+        """``(bytes, busy_ns)`` of the outbound ring link as of the last
+        completed op: bytes written while the link was the limit, and for
+        how long (cumulative; see ``pccl_comm_link_stats``)."""
+        if self._closed:
+            return 0, 0
+        b = ffi.new("uint64_t *")
+        ns = ffi.new("uint64_t *")
+        check(lib.pccl_comm_link_stats(self._comm, b, ns), "link stats")
+        return int(b[0]), int(ns[0])
 
     # -- lifetime -----------------------------------------------------------
 

@@ -332,6 +332,69 @@ OPTIONAL: dict[str, dict[str, frozenset[str]]] = {
     TO_PEER: {"topology": frozenset({"run", "peers"})},
 }
 
+# --------------------------------------------------------------------------
+# Topology optimisation (docs/topology.md): optimize_topology() is a
+# collective; the master answers each caller with a sequence of numbered
+# messages (``step`` 0, 1, ...): ``probe`` instructions, then one
+# ``topology_info``.
+
+
+def _nonneg_float(value: Any) -> str | None:
+    if not (isinstance(value, float) or _is_int(value)):
+        return f"expected float, got {type(value).__name__}"
+    if not math.isfinite(value) or value < 0:
+        return f"value {value!r} must be finite and >= 0"
+    return None
+
+
+_edge_list = _list_of_maps(
+    MAX_RING,
+    {"from": _peer_id, "to": _peer_id, "bytes_per_s": _nonneg_float, "rtt_s": _nonneg_float,
+     "age_s": _nonneg_float, "source": _one_of("probe", "passive", "unreachable")},
+)
+
+SCHEMAS[TO_MASTER].update({
+    "optimize_topology": {"req": _uint},
+    "probe_result": {
+        "req": _uint,
+        "src": _peer_id,
+        "ok": _bool,
+        "bytes_per_s": _nonneg_float,
+        "rtt_s": _nonneg_float,
+        "bytes": _uint,
+        "seconds": _nonneg_float,
+        "reason": _reason,
+    },
+})
+SCHEMAS[TO_PEER].update({
+    "probe": {
+        "req": _uint,
+        "step": _uint,
+        "src": _peer_id,
+        "address": _address,
+        "seconds": _seconds,
+        "connections": _uint,
+    },
+    "topology_info": {
+        "req": _uint,
+        "step": _uint,
+        "ring": _peer_id_list,
+        "feasible": _bool,
+        "reason": _reason,
+        "bottleneck": _nonneg_float,
+        "predicted_bus_bandwidth": _nonneg_float,
+        "edges": _edge_list,
+        "probes": _uint,
+        "probe_seconds": _nonneg_float,
+        "install": _bool,
+    },
+})
+
+# op_done may carry the sender's passive link sample (native link_stats
+# deltas since its last report) for the master's per-edge estimates.
+SCHEMAS[TO_MASTER]["op_done"].update({"link_bytes": _uint, "link_busy_ns": _uint})
+OPTIONAL[TO_MASTER]["op_done"] = frozenset({"link_bytes", "link_busy_ns"})
+
 # SCHEMAS prepared for validate(): per direction and type, the exact key set
 # of a well-formed message and its (field, checker) pairs.
 _COMPILED = {

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from . import errors
+from . import _probe, errors
 from ._control import MasterLink
 from ._native import NativeComm, P2PHandle, buffer_info
 from ._wire import format_hostport, parse_hostport
@@ -183,6 +183,8 @@ class _MasterReduceHandle(ReduceHandle):
             if not self._reported:
                 report = {"type": "op_done", "epoch": epoch, "tag": tag, "seq": seq}
                 report["ok"] = local_error is None
+                if local_error is None:
+                    comm._link_sample(report)  # passive measurement (docs/topology.md)
                 self._reported = True
                 verdict = link.request(key, report, deadline.remaining(step), step)
             else:  # a wait() that timed out before: the verdict may be in already
@@ -573,6 +575,81 @@ class Communicator:
             ring.world_size,
         )
         return True
+
+    # ------------------------------------------------------------------
+    # Topology optimisation (pccl/_probe.py, docs/topology.md).
+
+    def _link_sample(self, report: dict) -> None:
+        """Add the outbound link's busy bytes and time since the last
+        report to an ``op_done`` (nothing when the link never was the limit)."""
+        native = self._native
+        if native is None:
+            return
+        nbytes, busy_ns = native.link_stats()
+        last = getattr(self, "_link_last", (0, 0))
+        self._link_last = (nbytes, busy_ns)
+        db, dns = nbytes - last[0], busy_ns - last[1]
+        if db > 0 and dns > 0:
+            report["link_bytes"] = db
+            report["link_busy_ns"] = dns
+
+    def optimize_topology(self, timeout: float | None = None) -> _probe.TopologyInfo:
+        """Measure the links of this peer group and choose the ring whose
+        slowest edge is fastest; the ring is installed at the next
+        :meth:`update_topology`.
+
+        Collective over the peer group: every admitted peer of the group
+        calls it (a peer that does not within the master's vote timeout is
+        evicted).  The master probes only the directed edges it has no
+        fresh estimate of, in rounds in which every peer sends to one peer
+        and receives from one; this peer serves its probe buffer to the
+        others meanwhile.  Returns a :class:`pccl.TopologyInfo`.
+        """
+        link = self._check_connected()
+        native = self._native
+        assert native is not None
+        deadline = _Deadline(timeout, "optimize_topology")
+        req = next(self._req)
+        step = 0
+        with _probe.ProbeSource(native):
+            key: tuple = ("topo", req, step)
+            fut = link.expect(key)
+            link.send({"type": "optimize_topology", "req": req})
+            while True:
+                what = "optimize_topology (waiting for every peer of the group, then probes)"
+                try:
+                    msg = link.wait(key, fut, deadline.remaining(what), "optimize_topology")
+                except errors.PcclTimeoutError:
+                    link.forget(key)
+                    if deadline.passed():
+                        raise deadline.expired(what) from None
+                    raise
+                step += 1
+                key = ("topo", req, step)
+                fut = link.expect(key)  # registered before we answer: no race
+                if msg["type"] == "topology_info":
+                    link.forget(key)
+                    break
+                result = _probe.measure(native, msg["address"], msg["connections"],
+                                        msg["seconds"])
+                if not result.ok:
+                    log.warning("%s: probe %s->%s failed: %s", self._peer_id, msg["src"],
+                                self._peer_id, result.reason)
+                link.send({
+                    "type": "probe_result",
+                    "req": req,
+                    "src": msg["src"],
+                    "ok": result.ok,
+                    "bytes_per_s": float(result.bytes_per_s),
+                    "rtt_s": float(result.rtt_s),
+                    "bytes": int(result.nbytes),
+                    "seconds": float(result.seconds),
+                    "reason": result.reason[:1024],
+                })
+        info = _probe.TopologyInfo.from_message(msg)
+        if not info.ring and msg["reason"].startswith(("not admitted", "an optimize")):
+            raise errors.StateError(f"optimize_topology: {msg['reason']}")
+        return info
 
     # ------------------------------------------------------------------
     # Shared state (pccl/shared_state.py, docs/shared-state.md).

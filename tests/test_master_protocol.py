@@ -137,6 +137,21 @@ def good_messages() -> list[tuple[str, dict]]:
             },
         ),
         (TO_PEER, {"type": "sync_end", "revision": 9, "ok": True}),
+        # optimize_topology (docs/topology.md)
+        (TO_MASTER, {"type": "optimize_topology", "req": 4}),
+        (TO_MASTER, {"type": "probe_result", "req": 4, "src": "p2", "ok": True,
+                     "bytes_per_s": 5e7, "rtt_s": 0.001, "bytes": 10**7, "seconds": 0.2,
+                     "reason": ""}),
+        (TO_MASTER, {"type": "op_done", "epoch": 2, "tag": 0, "seq": 1, "ok": True,
+                     "link_bytes": 10**6, "link_busy_ns": 10**8}),
+        (TO_PEER, {"type": "probe", "req": 4, "step": 0, "src": "p2",
+                   "address": "127.0.0.1:4001", "seconds": 0.2, "connections": 4}),
+        (TO_PEER, {"type": "topology_info", "req": 4, "step": 3, "ring": ["p1", "p2"],
+                   "feasible": True, "reason": "", "bottleneck": 5e7,
+                   "predicted_bus_bandwidth": 5e7, "probes": 2, "probe_seconds": 0.9,
+                   "install": False,
+                   "edges": [{"from": "p1", "to": "p2", "bytes_per_s": 5e7, "rtt_s": 0.001,
+                              "age_s": 0.5, "source": "probe"}]}),
     ]
 
 
@@ -158,6 +173,8 @@ def test_schema_table_covers_the_documented_types():
         "leave",
         "sync_state",
         "sync_done",
+        "optimize_topology",
+        "probe_result",
     }
     assert {m["type"] for d, m in good_messages() if d == TO_PEER} == set(protocol.SCHEMAS[TO_PEER])
 

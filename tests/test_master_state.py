@@ -430,8 +430,8 @@ def test_snapshot_is_json_ready(run):
     assert snap["epoch"] == run.state.epoch
     assert {p["state"] for p in snap["peers"]} == {PENDING, ADMITTED}
     assert snap["groups"] == [
-        {"group": 0, "ring": [a], "broken": False},
-        {"group": 1, "ring": [b], "broken": False},
+        {"group": 0, "ring": [a], "broken": False, "matrix": [], "proposed_ring": None},
+        {"group": 1, "ring": [b], "broken": False, "matrix": [], "proposed_ring": None},
     ]
     assert [e["kind"] for e in snap["events"]].count("joined") == 3
 

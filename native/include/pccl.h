@@ -234,6 +234,14 @@ pccl_result pccl_comm_unpublish(pccl_comm *comm, uint64_t key, uint64_t *tx_byte
 pccl_result pccl_comm_fetch(pccl_comm *comm, const char *addr, uint64_t key, uint64_t offset,
                             uint64_t len, void *dst, int32_t timeout_ms, uint64_t *received);
 
+/* pccl_comm_link_stats writes the outbound ring link's counters as of the
+ * last completed op: *busy_ns, the time during which frames waited for
+ * the kernel to take them (the link to the successor was the limit), and
+ * *bytes, the bytes written meanwhile; bytes / busy_ns is the link's
+ * throughput.  Cumulative over the communicator's life.  Does not block;
+ * thread-safe. */
+pccl_result pccl_comm_link_stats(pccl_comm *comm, uint64_t *bytes, uint64_t *busy_ns);
+
 /* ---- point-to-point send/recv (core/p2p.c) ------------------------------
  * A peer is named by a 32-bit peer number (the control plane's peer id)
  * and, for a sender, the "host:port" it listens on.  The n-th send with a

@@ -95,6 +95,21 @@ def build_parser() -> argparse.ArgumentParser:
         "receivers still fetching are counted as failed after this long",
     )
     parser.add_argument(
+        "--probe-seconds",
+        type=_seconds,
+        default=0.2,
+        metavar="SECONDS",
+        help="optimize_topology(): how long each bandwidth measurement of an edge runs "
+        "(once on one connection, once on the peer's p2p_connections)",
+    )
+    parser.add_argument(
+        "--topology-max-age",
+        type=_seconds,
+        default=300.0,
+        metavar="SECONDS",
+        help="optimize_topology() probes an edge again once its estimate is this old",
+    )
+    parser.add_argument(
         "--log-level",
         default="INFO",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -124,6 +139,8 @@ async def _serve(args: argparse.Namespace, secret: bytes | None) -> None:
         vote_timeout=args.vote_timeout,
         sync_timeout=args.sync_timeout,
         status=args.status,
+        probe_seconds=args.probe_seconds,
+        topology_max_age=args.topology_max_age,
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import functools
 import logging
 import socket
 import time
@@ -27,7 +28,9 @@ import msgpack
 
 from .. import _wire as protocol
 from .._wire import ProtocolViolation
+from .probing import SolveRequest
 from .state import Actions, Event, MasterState
+from .topology import propose_ring, solve_ring
 
 log = logging.getLogger("pccl.master")
 
@@ -325,6 +328,8 @@ class MasterServer:
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
         status: tuple[str, int] | None = None,
         max_connections: int = MAX_CONNECTIONS,
+        probe_seconds: float = 0.2,
+        topology_max_age: float = 300.0,
     ):
         self.host = host
         self.port = port
@@ -336,6 +341,8 @@ class MasterServer:
             heartbeat_timeout=heartbeat_timeout,
             vote_timeout=vote_timeout,
             sync_timeout=sync_timeout,
+            probe_seconds=probe_seconds,
+            topology_max_age=topology_max_age,
         )
         # Silence is detected by the ticker (state.tick): a welcomed peer is
         # lost between heartbeat_timeout and heartbeat_timeout + tick_interval
@@ -542,6 +549,8 @@ class MasterServer:
             acts = work.pop(0)
             for event in acts.events:
                 self._log_event(event)
+            for request in acts.solves:
+                self._spawn(self._solve(request), f"solve-ring-{request.group}")
             overflowed: list[str] = []
             frames: dict[int, bytes] = {}
             rings: dict[int, tuple[list, bytes]] = {}
@@ -570,6 +579,30 @@ class MasterServer:
                     conn.abort()
                 reason = "output buffer full (not reading)"
                 work.append(self.state.disconnect(peer_id, reason, self.now()))
+
+    async def _solve(self, request: SolveRequest) -> None:
+        """Run the ring solver in a worker thread (it may take its whole
+        time limit) and feed the result back to the state machine."""
+        loop = asyncio.get_running_loop()
+        try:
+            if request.passive:
+                fn = functools.partial(propose_ring, list(request.current_ring), request.matrix,
+                                       improvement=self.state.topology_improvement)
+            else:
+                fn = functools.partial(solve_ring, request.matrix, peers=list(request.peers))
+            solution = await loop.run_in_executor(None, fn)
+        except Exception:
+            log.exception(logline(event="bug", group=request.group, reason="ring solver failed"))
+            solution = None
+        if not self._stopped:
+            self._apply(self.state.topology_solved(request, solution, self.now()))
+            if solution is not None and not request.passive:
+                res = self.state.topology_results.get(request.group, {})
+                log.info(logline(event="topology", group=request.group,
+                                 ring=" ".join(res.get("ring", [])),
+                                 bottleneck=res.get("bottleneck"),
+                                 probes=res.get("probes"), probe_s=res.get("probe_seconds"),
+                                 reason=res.get("reason") or None))
 
     def _log_event(self, event: Event) -> None:
         if event.kind == "epoch":

@@ -26,7 +26,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import sync
+from . import probing, sync
 
 PENDING = "pending"
 ADMITTED = "admitted"
@@ -73,6 +73,8 @@ class Actions:
     sends: list[tuple[str, dict]] = field(default_factory=list)
     closes: list[tuple[str, str]] = field(default_factory=list)  # (peer_id, reason)
     events: list[Event] = field(default_factory=list)
+    # Ring solves to run off the event loop (topology: probing.py).
+    solves: list[probing.SolveRequest] = field(default_factory=list)
 
     def send(self, peer_id: str, msg: dict) -> None:
         self.sends.append((peer_id, msg))
@@ -106,6 +108,9 @@ class MasterState:
         max_decided_ops: int = 65536,
         max_events: int = 100,
         sync_timeout: float = 600.0,
+        probe_seconds: float = 0.2,
+        topology_max_age: float = 300.0,
+        topology_improvement: float = 0.2,
     ):
         if not 0 < heartbeat_interval < heartbeat_timeout:
             raise ValueError("need 0 < heartbeat_interval < heartbeat_timeout")
@@ -124,6 +129,8 @@ class MasterState:
         self.sync_rounds: dict[int, sync.SyncRound] = {}
         self.sync_revisions: dict[int, int] = {}
         self._sync_holders: dict[int, set[str]] = {}  # peers that took part in a sync
+
+        self._topology_init(probe_seconds, topology_max_age, topology_improvement)
 
         self.peers: dict[str, Peer] = {}  # insertion order is join order
         self.epoch = 0
@@ -204,7 +211,10 @@ class MasterState:
                 for p in self.peers.values()
             ],
             "groups": [
-                {"group": g, "ring": list(ring), "broken": g in self.broken}
+                dict(
+                    {"group": g, "ring": list(ring), "broken": g in self.broken},
+                    **self._topology_snapshot(g, ring, now),
+                )
                 for g, ring in sorted(self.rings.items())
             ],
             "vote": {
@@ -290,12 +300,18 @@ class MasterState:
             self._ring_ready(peer, msg["epoch"], msg["ok"], now, acts)
         elif kind == "op_done":
             self._op_done(peer, msg["epoch"], msg["tag"], msg["seq"], msg["ok"], now, acts)
+            if "link_bytes" in msg and peer.peer_id in self.peers:
+                self._passive_sample(peer, msg, now, acts)
         elif kind == "leave":
             self._remove(peer, "left", "peer left", now, acts)
         elif kind == "sync_state":
             self._sync_state(peer, msg, now, acts)
         elif kind == "sync_done":
             self._sync_done(peer, msg["revision"], msg["ok"], now, acts)
+        elif kind == "optimize_topology":
+            self._optimize_call(peer, msg["req"], now, acts)
+        elif kind == "probe_result":
+            self._probe_result(peer, msg, now, acts)
         else:  # hello after welcome, or a type validate() let through by mistake
             self._remove(peer, "lost", f"unexpected {kind!r} message", now, acts)
         return acts
@@ -336,6 +352,7 @@ class MasterState:
                     self._remove(peer, "evicted", reason, now, acts, settle=False, abort=False)
             self._maybe_complete_round(now, acts)
         self._sync_tick(now, acts)
+        self._optimize_tick(now, acts)
         return acts
 
     # ------------------------------------------------------------------
@@ -382,6 +399,7 @@ class MasterState:
             or self._membership_changed
             or any(not v[1] for v in votes.values())
             or self.epoch == 0
+            or bool(self.proposed_rings)
         )
         if changed:
             self.epoch += 1
@@ -398,6 +416,7 @@ class MasterState:
             self.rings = {}
             for peer in sorted(self.admitted(), key=lambda p: p.serial):  # join order
                 self.rings.setdefault(peer.group, []).append(peer.peer_id)
+            self._apply_ring_orders()
             self._ring_sets = {g: frozenset(r) for g, r in self.rings.items()}
             self._ring_rank = {pid: i for r in self.rings.values() for i, pid in enumerate(r)}
             self._event(
@@ -636,6 +655,7 @@ class MasterState:
         if settle:
             self._maybe_complete_round(now, acts)
         self._sync_forget(peer, now, acts)
+        self._topology_forget(peer, now, acts)
 
     # ------------------------------------------------------------------
     # Shared state (election rules in sync.py).
@@ -788,3 +808,316 @@ class MasterState:
         )
         self.events.append(event)
         acts.events.append(event)
+
+    # ------------------------------------------------------------------
+    # Topology: measured edges, optimize_topology() rounds, the ring order
+    # (bookkeeping in probing.py, the solver in topology.py,
+    # docs/topology.md).
+
+    def _topology_init(self, probe_seconds: float, max_age: float, improvement: float) -> None:
+        if probe_seconds <= 0:
+            raise ValueError("probe_seconds must be positive")
+        if improvement < 0:
+            raise ValueError("topology_improvement must be >= 0")
+        self.probe_seconds = probe_seconds
+        # A probe that reports nothing this long after it was sent counts
+        # as failed (its edge unreachable); the fetches themselves give up
+        # after a few seconds without progress.
+        self.probe_timeout = probe_seconds * 8 + 10.0
+        self.topology_improvement = improvement
+        self.topology = probing.EdgeStore(max_age=max_age)
+        self.optimize_rounds: dict[int, probing.OptimizeRound] = {}
+        self.proposed_rings: dict[int, list[str]] = {}  # installed at the next epoch
+        self.ring_orders: dict[int, list[str]] = {}  # the installed optimised orders
+        self.topology_results: dict[int, dict[str, Any]] = {}  # last solve per group
+        self._solve_tokens = itertools.count(1)
+        self._passive_pending = False  # a passive re-solve is running
+        self._last_passive: dict[int, float] = {}
+        self.passive_min_busy = 0.05  # seconds of link-limited time a sample needs
+        self.passive_interval = 1.0  # seconds between re-solves of one group
+
+    def _apply_ring_orders(self) -> None:
+        """At a new epoch: install proposed rings, and keep earlier
+        optimised orders across membership changes (survivors keep their
+        order, newcomers join at the end)."""
+        self.ring_orders.update(self.proposed_rings)
+        self.proposed_rings.clear()
+        for g, joined in self.rings.items():
+            order = self.ring_orders.get(g)
+            if not order:
+                continue
+            members = set(joined)
+            kept = [p for p in order if p in members]
+            self.rings[g] = kept + [p for p in joined if p not in set(kept)]
+            self.ring_orders[g] = list(self.rings[g])
+
+    def _topology_snapshot(self, group: int, ring: list[str], now: float) -> dict[str, Any]:
+        members = [p.peer_id for p in self.admitted() if p.group == group]
+        doc: dict[str, Any] = {
+            "matrix": self.topology.as_list(members, now),
+            "proposed_ring": self.proposed_rings.get(group),
+        }
+        result = self.topology_results.get(group)
+        if result is not None:
+            doc["topology"] = dict(result, age_s=round(now - result["at"], 3))
+            del doc["topology"]["at"]
+        rnd = self.optimize_rounds.get(group)
+        if rnd is not None:
+            doc["optimizing"] = {
+                "phase": rnd.phase,
+                "called": sorted(rnd.reqs),
+                "rounds_left": len(rnd.rounds),
+                "probing": sorted(f"{s}->{d}" for d, s in rnd.outstanding.items()),
+            }
+        return doc
+
+    @staticmethod
+    def _ring_edges(ring: list[str]) -> set[tuple[str, str]]:
+        if len(ring) < 2:
+            return set()
+        return {(a, ring[(i + 1) % len(ring)]) for i, a in enumerate(ring)}
+
+    def _optimize_call(self, peer: Peer, req: int, now: float, acts: Actions) -> None:
+        rnd = self.optimize_rounds.get(peer.group)
+        if peer.state != ADMITTED or (rnd is not None and rnd.phase != "collect"):
+            why = ("not admitted yet: optimize_topology() needs connect() to return"
+                   if peer.state != ADMITTED else "an optimize_topology() of this group is "
+                   "already running (every peer of the group must call it once)")
+            acts.send(peer.peer_id, self._topology_info_msg(req, 0, None, why, [], now))
+            return
+        if rnd is None:
+            rnd = probing.OptimizeRound(group=peer.group, deadline=now + self.vote_timeout,
+                                        started_at=now, token=next(self._solve_tokens))
+            self.optimize_rounds[peer.group] = rnd
+        rnd.reqs[peer.peer_id] = req
+        rnd.steps[peer.peer_id] = 0
+        self._optimize_maybe_start(rnd, now, acts)
+
+    def _optimize_maybe_start(self, rnd: probing.OptimizeRound, now: float, acts: Actions) -> None:
+        members = [p.peer_id for p in self.admitted() if p.group == rnd.group]
+        if rnd.phase != "collect" or not all(m in rnd.reqs for m in members):
+            return
+        if not members:
+            del self.optimize_rounds[rnd.group]
+            return
+        ring = self.rings.get(rnd.group, [])
+        rnd.members = [p for p in ring if p in members] + [p for p in members if p not in ring]
+        wanted = {
+            (a, b)
+            for a in rnd.members
+            for b in rnd.members
+            if a != b and self.topology.needs_probe(a, b, now)
+        }
+        rnd.rounds = probing.probe_rounds(rnd.members, wanted)
+        rnd.phase = "probe"
+        rnd.probe_started_at = now
+        self._optimize_next_round(rnd, now, acts)
+
+    def _optimize_next_round(self, rnd: probing.OptimizeRound, now: float, acts: Actions) -> None:
+        while rnd.rounds and not rnd.outstanding:
+            for src, dst in rnd.rounds.pop(0):
+                if src not in self.peers or dst not in rnd.reqs or dst not in self.peers:
+                    continue  # a peer lost meanwhile: its edges are not measured
+                rnd.outstanding[dst] = src
+                acts.send(dst, {
+                    "type": "probe",
+                    "req": rnd.reqs[dst],
+                    "step": rnd.next_step(dst),
+                    "src": src,
+                    "address": self.peers[src].p2p_address,
+                    "seconds": float(self.probe_seconds),
+                    "connections": max(1, self.peers[dst].p2p_connections),
+                })
+            rnd.deadline = now + self.probe_timeout
+        if not rnd.outstanding and not rnd.rounds and rnd.phase == "probe":
+            rnd.phase = "solve"
+            rnd.members = [m for m in rnd.members if m in self.peers]
+            rnd.deadline = now + self.vote_timeout
+            acts.solves.append(probing.SolveRequest(
+                group=rnd.group,
+                token=rnd.token,
+                peers=tuple(rnd.members),
+                matrix=self.topology.matrix(rnd.members),
+                current_ring=tuple(self.rings.get(rnd.group, ())),
+            ))
+
+    def _probe_result(self, peer: Peer, msg: dict, now: float, acts: Actions) -> None:
+        rnd = self.optimize_rounds.get(peer.group)
+        src = msg["src"]
+        if (rnd is None or rnd.phase != "probe" or rnd.outstanding.get(peer.peer_id) != src
+                or rnd.reqs.get(peer.peer_id) != msg["req"]):
+            return  # stale: that probe timed out or its round is over
+        del rnd.outstanding[peer.peer_id]
+        rnd.probes += 1
+        if src in self.peers:
+            if msg["ok"] and msg["bytes_per_s"] > 0:
+                self.topology.probed(src, peer.peer_id, msg["bytes_per_s"], msg["rtt_s"], now)
+            else:
+                self.topology.unreachable(src, peer.peer_id, now)
+                self._event(acts, "unreachable", now, peer,
+                            reason=f"probe {src}->{peer.peer_id} failed: {msg['reason']}")
+        self._optimize_next_round(rnd, now, acts)
+
+    def topology_solved(self, request: probing.SolveRequest, solution: Any, now: float) -> Actions:
+        """The server ran ``request`` (a :class:`pccl.master.topology.RingSolution`,
+        or None when the solver raised)."""
+        acts = Actions()
+        if request.passive:
+            self._passive_solved(request, solution, now, acts)
+            return acts
+        rnd = self.optimize_rounds.get(request.group)
+        if rnd is None or rnd.token != request.token or rnd.phase != "solve":
+            return acts
+        del self.optimize_rounds[request.group]
+        members = [m for m in rnd.members if m in self.peers]
+        ring = None if solution is None else solution.ring
+        reason = "the solver failed (see the master's log)" if solution is None else ""
+        if solution is not None and ring is None:
+            reason = ("no ring avoids the unreachable or unmeasured edges: "
+                      + (solution.reason or "every Hamiltonian cycle uses one"))
+        elif ring is not None and set(ring) != set(members):
+            ring, reason = None, "membership changed while solving"
+        install = False
+        bottleneck = 0.0 if ring is None else _finite(solution.bottleneck)
+        predicted = 0.0 if ring is None else _finite(solution.predicted_bus_bandwidth)
+        if ring is not None:
+            current = self.rings.get(request.group, [])
+            if set(current) == set(ring) and len(ring) > 1:
+                # The current ring as good as the solution (a tie): keep it,
+                # rewiring would only cost its connections.
+                cur = min(request.matrix.get(e, 0.0) for e in self._ring_edges(current))
+                if cur > 0 and cur >= bottleneck * (1 - 1e-9):
+                    ring, bottleneck, predicted = list(current), cur, cur
+            if self._ring_edges(ring) != self._ring_edges(current):
+                self.proposed_rings[request.group] = list(ring)
+                install = True
+            else:
+                self.proposed_rings.pop(request.group, None)
+        self.topology_results[request.group] = {
+            "at": now,
+            "ring": list(ring or []),
+            "feasible": ring is not None,
+            "reason": reason,
+            "bottleneck": bottleneck,
+            "predicted_bus_bandwidth": predicted,
+            "probes": rnd.probes,
+            "probe_seconds": round(max(0.0, now - rnd.probe_started_at), 4),
+            "install": install,
+            "source": "optimize_topology",
+        }
+        for m in members:
+            acts.send(m, self._topology_info_msg(
+                rnd.reqs[m], rnd.next_step(m), self.topology_results[request.group], reason,
+                members, now))
+        return acts
+
+    def _topology_info_msg(self, req: int, step: int, result: dict | None, reason: str,
+                           members: list[str], now: float) -> dict:
+        result = result or {}
+        return {
+            "type": "topology_info",
+            "req": req,
+            "step": step,
+            "ring": list(result.get("ring", [])),
+            "feasible": bool(result.get("feasible", False)),
+            "reason": reason[:1024],
+            "bottleneck": float(result.get("bottleneck", 0.0)),
+            "predicted_bus_bandwidth": float(result.get("predicted_bus_bandwidth", 0.0)),
+            "edges": self.topology.as_list(members, now),
+            "probes": int(result.get("probes", 0)),
+            "probe_seconds": float(result.get("probe_seconds", 0.0)),
+            "install": bool(result.get("install", False)),
+        }
+
+    def _passive_solved(self, request: probing.SolveRequest, solution: Any, now: float,
+                        acts: Actions) -> None:
+        """Hook for re-solves from live estimates (passive measurement)."""
+        self._passive_pending = False
+        if solution is None or solution.ring is None:
+            return
+        if tuple(self.rings.get(request.group, ())) != request.current_ring:
+            return  # the ring changed meanwhile: the decision is about an old ring
+        self.proposed_rings[request.group] = list(solution.ring)
+        self.topology_results[request.group] = {
+            "at": now,
+            "ring": list(solution.ring),
+            "feasible": True,
+            "reason": "",
+            "bottleneck": _finite(solution.bottleneck),
+            "predicted_bus_bandwidth": _finite(solution.predicted_bus_bandwidth),
+            "probes": 0,
+            "probe_seconds": 0.0,
+            "install": True,
+            "source": "passive",
+        }
+        self._event(acts, "reroute", now, None,
+                    reason=f"group {request.group}: live estimates propose ring "
+                    + " ".join(solution.ring))
+
+    def _passive_sample(self, peer: Peer, msg: dict, now: float, acts: Actions) -> None:
+        """A completed collective's link sample: the sender's outbound
+        edge (to its ring successor) carried ``link_bytes`` in
+        ``link_busy_ns`` while it was the limit."""
+        ring = self.rings.get(peer.group, [])
+        if msg["epoch"] != self.epoch or peer.peer_id not in ring or len(ring) < 2:
+            return
+        busy = msg["link_busy_ns"] / 1e9
+        if busy < self.passive_min_busy:
+            return  # too short to say anything (a burst into an empty socket buffer)
+        succ = ring[(ring.index(peer.peer_id) + 1) % len(ring)]
+        self.topology.passive(peer.peer_id, succ, msg["link_bytes"] / busy, now)
+        self.counters["passive_samples"] = self.counters.get("passive_samples", 0) + 1
+        g = peer.group
+        if (self._passive_pending or g in self.optimize_rounds or g in self.proposed_rings
+                or now - self._last_passive.get(g, -1e18) < self.passive_interval):
+            return
+        self._last_passive[g] = now
+        self._passive_pending = True
+        acts.solves.append(probing.SolveRequest(
+            group=g, token=0, peers=tuple(ring), matrix=self.topology.matrix(ring),
+            current_ring=tuple(ring), passive=True))
+
+    def _topology_forget(self, peer: Peer, now: float, acts: Actions) -> None:
+        """A peer left the run: its edges go; an optimize round goes on
+        without it (costing only its own edges)."""
+        self.topology.forget_peer(peer.peer_id)
+        rnd = self.optimize_rounds.get(peer.group)
+        if rnd is None:
+            return
+        rnd.reqs.pop(peer.peer_id, None)
+        if rnd.phase == "collect":
+            self._optimize_maybe_start(rnd, now, acts)
+        elif rnd.phase == "probe":
+            rnd.outstanding.pop(peer.peer_id, None)
+            for dst in [d for d, s in rnd.outstanding.items() if s == peer.peer_id]:
+                # Its receiver's fetch fails on its own; do not wait for it.
+                del rnd.outstanding[dst]
+            self._optimize_next_round(rnd, now, acts)
+        if not any(p.group == peer.group for p in self.admitted()):
+            self.optimize_rounds.pop(peer.group, None)
+
+    def _optimize_tick(self, now: float, acts: Actions) -> None:
+        for rnd in list(self.optimize_rounds.values()):
+            if now < rnd.deadline or self.optimize_rounds.get(rnd.group) is not rnd:
+                continue
+            if rnd.phase == "collect":
+                for peer in self.admitted():
+                    if peer.group == rnd.group and peer.peer_id not in rnd.reqs:
+                        reason = "did not call optimize_topology within the vote timeout"
+                        self._remove(peer, "evicted", reason, now, acts)
+            elif rnd.phase == "probe":
+                for dst, src in sorted(rnd.outstanding.items()):
+                    self.topology.unreachable(src, dst, now)
+                    peer = self.peers.get(dst)
+                    if peer is not None:
+                        self._event(acts, "unreachable", now, peer,
+                                    reason=f"probe {src}->{dst}: no result in time")
+                rnd.outstanding.clear()
+                self._optimize_next_round(rnd, now, acts)
+            else:  # the solver never answered: a bug, logged by the server
+                rnd.deadline = now + self.vote_timeout
+
+
+def _finite(x: float) -> float:
+    """A bandwidth for the wire: a single peer's infinite bottleneck is 0."""
+    return float(x) if x == x and x not in (float("inf"), float("-inf")) else 0.0

@@ -16,7 +16,11 @@ state machine's snapshot plus what this module derives from it over time
 * ``groups[i].edges``: the ring's links in send order, ``{"from", "to"}``
   (a rank sends to the next one); each edge gets ``bytes_per_s`` once peers
   report a cumulative ``tx_bytes`` (each peer sends only to its successor,
-  so the rate of its counter is that link's bandwidth);
+  so the rate of its counter is that link's bandwidth), and before that
+  the master's estimate from probes or passive measurement (``source``);
+  ``groups[i].bottleneck`` is the slowest of them, ``groups[i].matrix``
+  every estimated edge of the group and ``groups[i].topology`` the last
+  solve (docs/topology.md);
 * ``heartbeat`` (``interval``, ``timeout``: the master's settings, so a
   reader can tell a late heartbeat), ``uptime_s`` and ``time`` (the
   master's wall clock, seconds since the Unix epoch).
@@ -166,6 +170,47 @@ class MasterCollector:
             yield HistogramMetricFamily(
                 name, help_text, buckets=hist.buckets(), sum_value=hist.sum
             )
+        yield from _topology_metrics(state)
+
+
+
+def _topology_metrics(state):
+    """The measured matrix, the ring's bottleneck and the last solve
+    (docs/topology.md)."""
+    edges = GaugeMetricFamily(
+        "pccl_master_edge_bytes_per_second",
+        "Estimated directed bandwidth of an edge (0: unreachable), from probes and live traffic",
+        labels=["group", "src", "dst", "source"],
+    )
+    bottleneck = GaugeMetricFamily(
+        "pccl_master_ring_bottleneck_bytes_per_second",
+        "Slowest estimated edge of the installed ring (0 if an edge is unknown)",
+        labels=["group"],
+    )
+    predicted = GaugeMetricFamily(
+        "pccl_master_topology_predicted_bus_bytes_per_second",
+        "Bus bandwidth the last optimize_topology() or re-route predicts for its ring",
+        labels=["group"],
+    )
+    probe_s = GaugeMetricFamily(
+        "pccl_master_topology_probe_seconds",
+        "Duration of the probe phase of the last optimize_topology()",
+        labels=["group"],
+    )
+    groups = {p.peer_id: p.group for p in state.peers.values()}
+    for (a, b), e in sorted(state.topology.edges.items()):
+        g = groups.get(a)
+        if g is not None and groups.get(b) == g:
+            edges.add_metric([str(g), a, b, e.source], e.bytes_per_s)
+    for g, ring in sorted(state.rings.items()):
+        if len(ring) > 1:
+            vals = [state.topology.edges.get((a, ring[(i + 1) % len(ring)])) for i, a in
+                    enumerate(ring)]
+            bottleneck.add_metric([str(g)], min((e.bytes_per_s if e else 0.0) for e in vals))
+    for g, res in sorted(state.topology_results.items()):
+        predicted.add_metric([str(g)], res["predicted_bus_bandwidth"])
+        probe_s.add_metric([str(g)], res["probe_seconds"])
+    yield from (edges, bottleneck, predicted, probe_s)
 
 
 class StatusServer:
@@ -260,6 +305,15 @@ class StatusServer:
         doc["pending"] = [p["peer_id"] for p in doc["peers"] if p["state"] == "pending"]
         for group in doc["groups"]:
             group["edges"] = ring_edges(group["ring"])
+            known = {(e["from"], e["to"]): e for e in group.get("matrix", ())}
+            for edge in group["edges"]:  # measured estimates; live tx rates override
+                est = known.get((edge["from"], edge["to"]))
+                if est is not None:
+                    edge["bytes_per_s"] = est["bytes_per_s"]
+                    edge["source"] = est["source"]
+            rated = [e.get("bytes_per_s") for e in group["edges"]]
+            if rated and all(r is not None for r in rated):
+                group["bottleneck"] = min(rated)
         self.rates.annotate(now, doc)
         state = self.master.state
         doc["heartbeat"] = {

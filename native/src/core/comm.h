@@ -162,7 +162,22 @@ struct pccl_comm {
 
     /* point-to-point send/recv (p2p.c): its own thread and lock */
     struct pccl__p2p *p2p;
+    /* link stats (link_stats.c): while some outbound connection of the
+     * ring has frames a flush could not hand to the kernel, the link to
+     * the successor is the limit; bytes moved meanwhile over that time is
+     * its throughput.  Engine-owned, published under mtx as op ends. */
+    uint32_t nbacklogged;        /* outbound connections backlogged */
+    uint64_t backlog_since;      /* clock_ns when nbacklogged became > 0 */
+    uint64_t backlog_bytes;      /* bytes written while backlogged */
+    uint64_t backlog_ns;         /* closed backlogged time */
+    uint64_t stats_bytes;        /* (mtx) last published backlog_bytes */
+    uint64_t stats_ns;           /* (mtx) last published backlog_ns */
 };
+
+/* link_stats.c: account one flush of outbound connection c (engine). */
+void pccl__link_stats_flushed(pccl_comm *comm, pccl__conn *c, size_t moved, uint64_t now);
+/* link_stats.c: forget backlogs of a ring being dropped (engine). */
+void pccl__link_stats_reset(pccl_comm *comm, uint64_t now);
 
 /* comm.c: frees the communicator's memory (pccl_comm_free, or the last
  * pccl_op_free after it). */

@@ -94,6 +94,7 @@ flush(pccl_comm *comm, pccl__conn *c)
     if (moved > 0) {
         comm->last_progress = pccl__clock_ns();
     }
+    pccl__link_stats_flushed(comm, c, moved, moved > 0 ? comm->last_progress : pccl__clock_ns());
     if (rv != 0) {
         fail(comm, rv);
         return;
@@ -388,6 +389,8 @@ complete_done_ops(pccl_comm *comm)
     }
     if (done != NULL) {
         pccl__mutex_lock(&comm->mtx);
+        comm->stats_bytes = comm->backlog_bytes;
+        comm->stats_ns = comm->backlog_ns;
         finish_ops(comm, done, PCCL_OK);
         pccl__cond_broadcast(&comm->cv);
         pccl__mutex_unlock(&comm->mtx);
@@ -464,6 +467,7 @@ install(pccl_comm *comm, pccl__ring_install *r)
     pccl_result rv;
 
     comm->engine_ring = r;
+    pccl__link_stats_reset(comm, pccl__clock_ns());
     comm->ndirty = 0;
     comm->nparked_conns = 0;
     comm->nclosed_conns = 0;

@@ -38,6 +38,7 @@ typedef struct pccl__conn {
     pccl__frame_out *sq_head;
     pccl__frame_out *sq_tail;
     size_t sq_done;          /* bytes of sq_head (header + payload) written */
+    int backlogged;          /* engine: a flush left frames queued (link stats) */
 
     /* receiving */
     int rstate;
