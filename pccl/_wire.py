@@ -28,6 +28,7 @@ MAC_LEN = 32  # HMAC-SHA256; an empty MAC means "no secret configured"
 MAX_INT = 2**63 - 1  # ints on the wire are non-negative and fit an int64
 MAX_REASON = 1024  # characters in an error/evicted/abort reason
 MAX_PEER_ID = 64
+MAX_PEER_NAME = 64  # characters in a peer's self-given name (hello.name)
 MAX_ADDRESS = 262  # "[" + 253-character host + "]:" + 5-digit port, rounded up
 MAX_RING = 65536  # peer ids in one topology message
 MAX_FLOAT = 1e9  # seconds; any timeout above this is nonsense
@@ -168,6 +169,16 @@ def _version(value: Any) -> str | None:
 _peer_id = _str(MAX_PEER_ID, nonempty=True)
 _reason = _str(MAX_REASON)
 
+
+def _peer_name(value: Any) -> str | None:
+    # A label for logs, /status and /metrics: printable, no control characters.
+    error = _str(MAX_PEER_NAME, nonempty=True)(value)
+    if error:
+        return error
+    if not value.isprintable():
+        return "name has a control character"
+    return None
+
 # --------------------------------------------------------------------------
 # Shared state (docs/shared-state.md).
 
@@ -245,7 +256,8 @@ _fetch_list = _list_of_maps(
 # --------------------------------------------------------------------------
 # The schema table: direction -> type -> field -> checker.  Every field is
 # required and no other field is allowed (a version-1 message is exactly
-# this; anything else is a different protocol).
+# this; anything else is a different protocol), except the few optional
+# fields of OPTIONAL below.
 
 SCHEMAS: dict[str, dict[str, dict[str, Callable[[Any], str | None]]]] = {
     TO_MASTER: {
@@ -309,11 +321,23 @@ SCHEMAS: dict[str, dict[str, dict[str, Callable[[Any], str | None]]]] = {
 }
 
 
+# Optional fields, the one exception to "every field is required": absent,
+# or present and well-formed.  hello.name is the peer's own label
+# (Communicator(name=...)); the master shows it beside the peer id.
+OPTIONAL: dict[str, dict[str, dict[str, Callable[[Any], str | None]]]] = {
+    TO_MASTER: {"hello": {"name": _peer_name}},
+    TO_PEER: {},
+}
+
 # SCHEMAS prepared for validate(): per direction and type, the exact key set
-# of a well-formed message and its (field, checker) pairs.
+# of a well-formed message, its (field, checker) pairs and its optional ones.
 _COMPILED = {
     direction: {
-        kind: (frozenset(schema) | {"type"}, tuple(schema.items()))
+        kind: (
+            frozenset(schema) | {"type"},
+            tuple(schema.items()),
+            OPTIONAL[direction].get(kind, {}),
+        )
         for kind, schema in table.items()
     }
     for direction, table in SCHEMAS.items()
@@ -338,11 +362,16 @@ def validate(msg: Any, direction: str) -> dict:
     compiled = table.get(kind)
     if compiled is None:
         raise ProtocolViolation(f"unknown message type {kind[:64]!r} ({direction})")
-    keys, checks = compiled
+    keys, checks, optional = compiled
     if msg.keys() != keys:
         for key in msg:
             if key not in keys:
-                raise ProtocolViolation(f"{kind}: unexpected field {str(key)[:64]!r}")
+                check = optional.get(key) if isinstance(key, str) else None
+                if check is None:
+                    raise ProtocolViolation(f"{kind}: unexpected field {str(key)[:64]!r}")
+                error = check(msg[key])
+                if error:
+                    raise ProtocolViolation(f"{kind}.{key}: {error}")
         for field, _ in checks:
             if field not in msg:
                 raise ProtocolViolation(f"{kind}: missing field {field!r}")

@@ -45,6 +45,12 @@ class Peer:
     serial: int  # join order
     state: str = PENDING
     admitted_epoch: int | None = None
+    name: str | None = None  # the peer's own label (hello.name), shown beside peer_id
+
+    @property
+    def label(self) -> str:
+        """``p3 (trainer-a)`` for messages, or the bare id without a name."""
+        return f"{self.peer_id} ({self.name})" if self.name else self.peer_id
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,7 @@ class Event:
     at: float
     epoch: int
     peer_id: str | None = None
+    name: str | None = None
     remote: str | None = None
     p2p_address: str | None = None
     group: int | None = None
@@ -177,6 +184,7 @@ class MasterState:
             "peers": [
                 {
                     "peer_id": p.peer_id,
+                    **({"name": p.name} if p.name else {}),
                     "state": p.state,
                     "group": p.group,
                     "address": p.remote,
@@ -218,6 +226,7 @@ class MasterState:
         p2p_connections: int,
         welcome_mac: bytes,
         now: float,
+        name: str | None = None,
     ) -> tuple[str, Actions]:
         """A peer passed the handshake: welcome it as pending (admitted at
         once when the run has no admitted peer)."""
@@ -233,6 +242,7 @@ class MasterState:
             joined_at=now,
             last_seen=now,
             serial=serial,
+            name=name,
         )
         self.peers[peer_id] = peer
         self.counters["peers_joined"] += 1
@@ -463,7 +473,7 @@ class MasterState:
             op.reporters.append(peer.peer_id)
         if not ok:
             self._decide(key, op, False, acts)
-            reason = f"operation tag={tag} seq={seq} failed on {peer.peer_id}"
+            reason = f"operation tag={tag} seq={seq} failed on {peer.label}"
             self._break_group(peer.group, reason, acts)
         else:
             op.reported_ok.add(peer.peer_id)
@@ -559,10 +569,10 @@ class MasterState:
                 if kind == "left":
                     # A clean leave fails only the operations it walked out of.
                     if self._break_group(peer.group, reason, acts, only_unreported=peer.peer_id):
-                        self._send_abort(peer.group, f"{peer.peer_id} left mid-operation", acts)
+                        self._send_abort(peer.group, f"{peer.label} left mid-operation", acts)
                 else:
                     self._break_group(
-                        peer.group, f"{peer.peer_id} {kind}: {reason}", acts, abort=abort
+                        peer.group, f"{peer.label} {kind}: {reason}", acts, abort=abort
                     )
             # A ring that lost a member cannot be ready, reported or not.
             if settle and self.ring_phase_epoch is not None:
@@ -712,6 +722,7 @@ class MasterState:
             at=now,
             epoch=self.epoch,
             peer_id=peer.peer_id if peer else None,
+            name=peer.name if peer else None,
             remote=peer.remote if peer else None,
             p2p_address=peer.p2p_address if peer else None,
             group=peer.group if peer else None,
