@@ -96,9 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--log-level",
-        default="INFO",
+        default=None,
+        type=str.upper,
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="log verbosity (log lines go to stderr)",
+        help="log verbosity (log lines go to stderr); default: the PCCL_LOG environment "
+        "variable (debug, info, warning, error, off), else INFO",
     )
     return parser
 
@@ -145,11 +147,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.heartbeat_timeout <= args.heartbeat_interval:
         parser.error("--heartbeat-timeout must be greater than --heartbeat-interval")
-    logging.basicConfig(
-        level=args.log_level,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    from .. import _log
+
+    if args.log_level is not None:
+        level = logging.getLevelName(args.log_level)
+    else:
+        env = _log.env_level()
+        level = logging.INFO if env is None else env
+    _log.install(level)  # pccl.* records, one stderr handler
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format=_log.FORMAT)
     secret = None
     if args.secret_file:
         try:
