@@ -21,8 +21,13 @@ Alone (no master; the outer step still runs, over one peer)::
     python examples/diloco_train.py --outer-steps 5
 
 Each outer step prints the training and validation loss, tokens/s, the
-peers that took part, and the bytes this peer sent; at the end the loss
-curves are saved as a PNG in ``--out-dir``.
+peers that took part, and the bytes this peer sent; a step whose
+all-reduce lost a peer and was retried says so, and a newcomer says when
+it was admitted and what its shared-state sync moved.  At the end the loss
+and all-reduce time per outer step are saved as a PNG in ``--out-dir``.
+With ``--local`` the master serves its status page (the URL is printed)
+and its log lines are shown; the peers' ``--name`` is the name the master
+logs.
 """
 
 from __future__ import annotations
