@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 
@@ -94,13 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="longest a shared-state transfer may take: distributors are released and "
         "receivers still fetching are counted as failed after this long",
     )
+    from .. import _log
+
     parser.add_argument(
         "--log-level",
-        default=None,
+        default="INFO" if _log.env_level() is None else os.environ[_log.ENV].strip().upper(),
         type=str.upper,
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="log verbosity (log lines go to stderr); default: the PCCL_LOG environment "
-        "variable (debug, info, warning, error, off), else INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR", "OFF"],
+        help="log verbosity, on stderr; the PCCL_LOG environment variable sets the default",
     )
     return parser
 
@@ -149,12 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--heartbeat-timeout must be greater than --heartbeat-interval")
     from .. import _log
 
-    if args.log_level is not None:
-        level = logging.getLevelName(args.log_level)
-    else:
-        env = _log.env_level()
-        level = logging.INFO if env is None else env
-    _log.install(level)  # pccl.* records, one stderr handler
+    _log.install(_log.parse_level(args.log_level))  # pccl.* records, one stderr handler
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format=_log.FORMAT)
     secret = None
     if args.secret_file:
