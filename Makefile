@@ -2,6 +2,10 @@
 #   make demo   - set everything up, then run the demo on localhost
 #   make test   - set everything up, then run every test (C under ASan/UBSan, pytest, ruff)
 # Everything lands in .venv/ and build/; `make clean` removes both.
+# pccl is installed editable: the checkout's pccl/ is the imported package
+# (edits to Python files take effect at once); its compiled extension is
+# built in build/editable/ (installed into .venv), rebuilt by `make install`
+# when a C source changes.
 
 PYTHON ?= python3
 VENV   := .venv
@@ -11,7 +15,8 @@ PIP    := $(PY) -m pip
 TORCH  := torch==2.13.0
 JOBS   ?= 2
 
-SOURCES := pyproject.toml CMakeLists.txt $(shell find native/include native/src native/CMakeLists.txt pccl tools -type f -not -name '*.pyc' 2>/dev/null)
+# What the compiled extension is built from (Python files need no reinstall).
+NATIVE_SOURCES := pyproject.toml CMakeLists.txt tools/gen_ffi.py $(shell find native/include native/src native/CMakeLists.txt -type f 2>/dev/null)
 
 .PHONY: all demo test test-c test-py lint bench install clean
 
@@ -47,8 +52,12 @@ $(VENV)/.deps: $(VENV)/bin/activate pyproject.toml
 	$(PIP) install --quiet -r $(VENV)/requirements.txt
 	touch $@
 
-$(VENV)/.installed: $(VENV)/.deps $(SOURCES)
-	$(PIP) install --quiet --no-build-isolation --no-deps .
+# An editable install (scikit-build-core's redirect mode, settings in
+# pyproject.toml [tool.scikit-build]): an import hook in .venv maps `pccl`
+# to this checkout's pccl/ and `pccl._pccl_native` to the extension built
+# in build/editable/ and copied into .venv (an incremental build when re-run).
+$(VENV)/.installed: $(VENV)/.deps $(NATIVE_SOURCES)
+	$(PIP) install --quiet --no-build-isolation --no-deps -e .
 	touch $@
 
 install: $(VENV)/.installed
@@ -62,8 +71,6 @@ test-c:
 lint: $(VENV)/.deps
 	$(VENV)/bin/ruff check pccl tests benchmarks examples tools
 
-# pytest is started as a script (not `python -m`) so the source tree's
-# pccl/ (which has no compiled extension) does not shadow the installed one.
 test-py: install
 	$(VENV)/bin/pytest -q
 

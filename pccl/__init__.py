@@ -15,6 +15,7 @@ Public names (docs/api.md lists every call with its signature):
 from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
 from importlib.metadata import version as _distribution_version
 
+from . import _log
 from ._native import StaticRing, version
 from ._probe import TopologyInfo
 from .communicator import Communicator
@@ -42,6 +43,8 @@ from .errors import (
 from .master import MasterNode
 from .shared_state import SharedState, SyncInfo, SyncStrategy
 from .types import DType, PeerInfo, Quantization, ReduceHandle, ReduceInfo, ReduceOp
+
+_log.configure_from_env()  # PCCL_LOG=debug|info|warning|error|off
 
 try:
     __version__: str = _distribution_version("pccl")

@@ -70,6 +70,20 @@ _DIRECT_SLICE = 0.05
 _RECV_BYTES = 262144
 
 
+
+def _env_name() -> str | None:
+    """The peer's name for the master's logs and /status, from the
+    ``PCCL_NAME`` environment variable (a stopgap until the Communicator
+    passes its own; None when unset or not a valid name)."""
+    name = os.environ.get("PCCL_NAME")
+    if not name:
+        return None
+    error = protocol.OPTIONAL[protocol.TO_MASTER]["hello"]["name"](name)
+    if error:
+        log.warning("PCCL_NAME ignored: %s", error)
+        return None
+    return name
+
 class Waiter:
     """One expected message: filled once (by the loop thread, or with the
     link's error), awaited by one user thread."""
@@ -241,6 +255,7 @@ class MasterLink:
             "p2p_address": p2p_address,
             "p2p_connections": p2p_connections,
         }
+        name = name or _env_name()
         if name:
             hello["name"] = name
         protocol.validate(hello, protocol.TO_MASTER)

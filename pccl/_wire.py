@@ -28,6 +28,7 @@ MAC_LEN = 32  # HMAC-SHA256; an empty MAC means "no secret configured"
 MAX_INT = 2**63 - 1  # ints on the wire are non-negative and fit an int64
 MAX_REASON = 1024  # characters in an error/evicted/abort reason
 MAX_PEER_ID = 64
+MAX_PEER_NAME = 64  # characters in a peer's self-given name (hello.name)
 MAX_ADDRESS = 262  # "[" + 253-character host + "]:" + 5-digit port, rounded up
 MAX_RING = 65536  # peer ids in one topology message
 MAX_FLOAT = 1e9  # seconds; any timeout above this is nonsense
@@ -169,6 +170,16 @@ def _version(value: Any) -> str | None:
 _peer_id = _str(MAX_PEER_ID, nonempty=True)
 _reason = _str(MAX_REASON)
 
+
+def _peer_name(value: Any) -> str | None:
+    # A label for logs, /status and /metrics: printable, no control characters.
+    error = _str(MAX_PEER_NAME, nonempty=True)(value)
+    if error:
+        return error
+    if not value.isprintable():
+        return "name has a control character"
+    return None
+
 # --------------------------------------------------------------------------
 # Shared state (docs/shared-state.md).
 
@@ -257,7 +268,8 @@ _peer_list = _list_of_maps(
 # --------------------------------------------------------------------------
 # The schema table: direction -> type -> field -> checker.  Every field is
 # required and no other field is allowed (a version-1 message is exactly
-# this; anything else is a different protocol).
+# this; anything else is a different protocol), except the few optional
+# fields of OPTIONAL below.
 
 SCHEMAS: dict[str, dict[str, dict[str, Callable[[Any], str | None]]]] = {
     TO_MASTER: {
@@ -268,7 +280,7 @@ SCHEMAS: dict[str, dict[str, dict[str, Callable[[Any], str | None]]]] = {
             "peer_group": _uint,
             "p2p_address": _address,
             "p2p_connections": _uint,
-            "name": _name,  # optional (OPTIONAL below)
+            "name": _peer_name,  # optional (OPTIONAL below)
         },
         "update_topology": {"req": _uint, "ring_ok": _bool, "admit": _bool},
         "pending_query": {"req": _uint},
@@ -396,7 +408,7 @@ SCHEMAS[TO_MASTER]["op_done"].update({"link_bytes": _uint, "link_busy_ns": _uint
 OPTIONAL[TO_MASTER]["op_done"] = frozenset({"link_bytes", "link_busy_ns"})
 
 # SCHEMAS prepared for validate(): per direction and type, the exact key set
-# of a well-formed message and its (field, checker) pairs.
+# of a well-formed message, its (field, checker) pairs and the fields it may leave out.
 _COMPILED = {
     direction: {
         kind: (

@@ -175,7 +175,9 @@ class _MasterReduceHandle(ReduceHandle):
             self._native_handle = None
         local_error = self._local_error
         if local_error is not None and not self._reported:
-            log.info("%s: %s failed here: %s", comm._peer_id, self._what(), local_error)
+            # Per operation, so DEBUG: a broken ring fails every operation in
+            # flight, and all_reduce_many reports them once, with their count.
+            log.debug("%s: %s failed here: %s", comm._peer_id, self._what(), local_error)
         key = ("op", epoch, tag, seq)
         try:
             # One master round trip; this thread reads the verdict itself.
@@ -777,7 +779,7 @@ class Communicator:
                     f"all_reduce_many: {len(failed)} of {len(tensors)} tensors still failed "
                     f"after {max_retries} retries; they are unchanged"
                 ) from error
-            log.info(
+            log.warning(
                 "%s: %d of %d tensors failed (%s); update_topology and retry %d/%d",
                 self._peer_id,
                 len(failed),
@@ -1032,8 +1034,10 @@ class Communicator:
             ring = self._ring
             if epoch < ring.floor:
                 return  # an older ring's abort; ours is newer
+            first = epoch > ring.aborted
             self._ring = replace(ring, epoch=None, aborted=max(ring.aborted, epoch))
-        log.warning("%s: abort of epoch %d: %s", self._peer_id, epoch, reason)
+        if first:  # each failed operation of the epoch repeats it: say it once
+            log.info("%s: abort of epoch %d: %s", self._peer_id, epoch, reason)
         self._abort_native()
 
     def _on_link_lost(self, exc: errors.PcclError) -> None:

@@ -170,6 +170,9 @@ class DiLoCo:
         self._counter = torch.zeros(1, dtype=torch.int64)
         self._inner_steps = 0
         self._finished = False
+        # The pccl.SyncInfo of the latest shared-state sync (the first one,
+        # in the constructor, is how a newcomer catches up); None alone.
+        self.last_sync: Any = None
 
         self._init_shared()
 
@@ -309,6 +312,7 @@ class DiLoCo:
             pccl.SharedState(self.shared_state(), revision=self.outer_step),
             strategy=pccl.SyncStrategy.ENFORCE_POPULAR,
         )
+        self.last_sync = info
         return info.tx_bytes, info.rx_bytes
 
     def _load_outer_into_model(self) -> None:

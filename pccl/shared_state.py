@@ -74,11 +74,15 @@ class SyncStrategy(enum.Enum):
 class SyncInfo:
     """What one sync did on this peer: payload bytes sent to and received
     from other peers (both 0 when the peer was already in sync and nobody
-    fetched from it), and the group's revision after the sync."""
+    fetched from it), the group's revision after the sync, how many peers
+    the plan let this one fetch from (0 when it fetched nothing) and the
+    wall time of the call in seconds."""
 
     tx_bytes: int
     rx_bytes: int
     revision: int
+    sources: int = 0
+    seconds: float = 0.0
 
 
 class SharedState:
@@ -413,7 +417,8 @@ def synchronize(port: SyncPort, state: SharedState, strategy: SyncStrategy) -> S
     except ValueError:
         raise errors.InvalidArgumentError(f"unknown SyncStrategy {strategy!r}") from None
     native = port.transfers
-    clock = [time.perf_counter()]
+    started = time.perf_counter()
+    clock = [started]
     timings: dict[str, float] = {}
 
     def lap(what: str) -> None:
@@ -485,4 +490,8 @@ def synchronize(port: SyncPort, state: SharedState, strategy: SyncStrategy) -> S
         last_sync_timings.clear()
         last_sync_timings.update(timings)
     state.revision = revision
-    return SyncInfo(tx_bytes=pubs.tx, rx_bytes=rx, revision=revision)
+    return SyncInfo(
+        tx_bytes=pubs.tx, rx_bytes=rx, revision=revision,
+        sources=len({s for f in fetch for s in f["from"]}),
+        seconds=time.perf_counter() - started,
+    )

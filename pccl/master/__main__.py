@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 
@@ -94,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="longest a shared-state transfer may take: distributors are released and "
         "receivers still fetching are counted as failed after this long",
     )
+    from .. import _log
+
     parser.add_argument(
         "--probe-seconds",
         type=_seconds,
@@ -111,9 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--log-level",
-        default="INFO",
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="log verbosity (log lines go to stderr)",
+        default="INFO" if _log.env_level() is None else os.environ[_log.ENV].strip().upper(),
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR", "OFF"],
+        help="log verbosity, on stderr; the PCCL_LOG environment variable sets the default",
     )
     return parser
 
@@ -162,11 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.heartbeat_timeout <= args.heartbeat_interval:
         parser.error("--heartbeat-timeout must be greater than --heartbeat-interval")
-    logging.basicConfig(
-        level=args.log_level,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    from .. import _log
+
+    _log.install(_log.parse_level(args.log_level))  # pccl.* records, one stderr handler
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format=_log.FORMAT)
     secret = None
     if args.secret_file:
         try:

@@ -108,6 +108,7 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.remote = "?"
         self.peer_id: str | None = None
+        self.name: str | None = None  # hello.name, for log lines
         self.closing = False
         self.reason = "connection closed"  # why it ends, for the state machine
         self._rx = bytearray()
@@ -172,7 +173,9 @@ class Connection(asyncio.Protocol):
             self.server._reject(self, f"protocol violation: {exc}")
         except Exception as exc:  # a bug: drop this connection, keep the run
             self.reason = f"internal error: {type(exc).__name__}"
-            log.exception(logline(event="bug", remote=self.remote, peer=self.peer_id))
+            log.exception(
+                logline(event="bug", remote=self.remote, peer=self.peer_id, name=self.name)
+            )
             self.close_soon()
         if self.closing:
             rx.clear()
@@ -485,6 +488,7 @@ class MasterServer:
             name=hello.get("name", ""),
         )
         conn.peer_id = peer_id
+        conn.name = hello.get("name")
         self._by_peer[peer_id] = conn
         self._apply(acts)
 
@@ -514,7 +518,12 @@ class MasterServer:
         self.counters["messages_rejected"] += 1
         if conn.peer_id is None:
             self.counters["handshakes_failed"] += 1
-        log.warning(logline(event="rejected", remote=conn.remote, peer=conn.peer_id, reason=reason))
+        log.warning(
+            logline(
+                event="rejected", remote=conn.remote, peer=conn.peer_id, name=conn.name,
+                reason=reason,
+            )
+        )
         conn.send(protocol.encode({"type": "error", "reason": reason[: protocol.MAX_REASON]}))
         conn.reason = reason
         conn.close_soon()
@@ -563,7 +572,12 @@ class MasterServer:
                     try:
                         frame = _encode_outgoing(msg, rings)
                     except ValueError:
-                        log.exception(logline(event="bug", peer=peer_id, reason="invalid outgoing"))
+                        log.exception(
+                            logline(
+                                event="bug", peer=peer_id, name=conn.name,
+                                reason="invalid outgoing",
+                            )
+                        )
                         continue
                     frames[id(msg)] = frame
                 if not conn.send(frame):
@@ -614,6 +628,7 @@ class MasterServer:
             logline(
                 event=event.kind,
                 peer=event.peer_id,
+                name=event.name,
                 address=event.remote,
                 p2p=event.p2p_address,
                 group=event.group,

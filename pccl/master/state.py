@@ -48,6 +48,11 @@ class Peer:
     admitted_epoch: int | None = None
     name: str = ""  # Communicator(name=...): logs, status, peers()
 
+    @property
+    def label(self) -> str:
+        """``p3 (trainer-a)`` for messages, or the bare id without a name."""
+        return f"{self.peer_id} ({self.name})" if self.name else self.peer_id
+
 
 @dataclass(frozen=True)
 class Event:
@@ -57,6 +62,7 @@ class Event:
     at: float
     epoch: int
     peer_id: str | None = None
+    name: str | None = None
     remote: str | None = None
     p2p_address: str | None = None
     group: int | None = None
@@ -523,7 +529,7 @@ class MasterState:
         op.reporters[peer.peer_id] = None  # a repeated report keeps its place
         if not ok:
             self._decide(key, op, False, acts)
-            reason = f"operation tag={tag} seq={seq} failed on {peer.peer_id}"
+            reason = f"operation tag={tag} seq={seq} failed on {peer.label}"
             self._break_group(peer.group, reason, acts)
         else:
             op.reported_ok.add(peer.peer_id)
@@ -641,10 +647,10 @@ class MasterState:
                 if kind == "left":
                     # A clean leave fails only the operations it walked out of.
                     if self._break_group(peer.group, reason, acts, only_unreported=peer.peer_id):
-                        self._send_abort(peer.group, f"{peer.peer_id} left mid-operation", acts)
+                        self._send_abort(peer.group, f"{peer.label} left mid-operation", acts)
                 else:
                     self._break_group(
-                        peer.group, f"{peer.peer_id} {kind}: {reason}", acts, abort=abort
+                        peer.group, f"{peer.label} {kind}: {reason}", acts, abort=abort
                     )
             # A ring that lost a member cannot be ready, reported or not.
             if settle and self.ring_phase_epoch is not None:
@@ -798,6 +804,7 @@ class MasterState:
             at=now,
             epoch=self.epoch,
             peer_id=peer.peer_id if peer else None,
+            name=peer.name if peer else None,
             remote=peer.remote if peer else None,
             p2p_address=peer.p2p_address if peer else None,
             group=peer.group if peer else None,

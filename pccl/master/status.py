@@ -128,6 +128,19 @@ class MasterCollector:
         for name in ("pending", "admitted"):
             peers.add_metric([name], sum(1 for p in state.peers.values() if p.state == name))
         yield peers
+        # One series per peer, labelled with its id and its own name ("" when
+        # it gave none), so a dashboard can show the name the user chose.
+        heartbeat = GaugeMetricFamily(
+            "pccl_master_peer_heartbeat_age_seconds",
+            "Seconds since the master last heard from the peer",
+            labels=["peer", "name", "group", "state"],
+        )
+        now = self.master.now()
+        for p in state.peers.values():
+            heartbeat.add_metric(
+                [p.peer_id, p.name or "", str(p.group), p.state], max(0.0, now - p.last_seen)
+            )
+        yield heartbeat
         yield GaugeMetricFamily("pccl_master_epoch", "Current topology epoch", value=state.epoch)
         yield GaugeMetricFamily(
             "pccl_master_groups", "Peer groups with a ring at this epoch", value=len(state.rings)

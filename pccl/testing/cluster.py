@@ -1,8 +1,7 @@
 """A static ring of worker processes on 127.0.0.1, for tests.
 
 :class:`RingCluster` starts one ``python -m pccl.testing.ring_worker``
-process per rank (in a scratch directory, so a source checkout cannot
-shadow the installed package), collects the addresses the workers bound
+process per rank (in a scratch directory), collects the addresses the workers bound
 (port 0), sends every worker the full list, and waits until the ring is
 up.  Every wait has a deadline; :meth:`RingCluster.close` (also on exit of
 the ``with`` block) kills whatever is still running.

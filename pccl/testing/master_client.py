@@ -68,6 +68,7 @@ class PeerClient:
         peer_group: int = 0,
         p2p_address: str = "127.0.0.1:1",
         p2p_connections: int = 1,
+        name: str | None = None,
     ) -> dict:
         """Answer the challenge; return the master's reply (welcome or error)."""
         self.challenge = self.expect("challenge")
@@ -83,6 +84,8 @@ class PeerClient:
             "p2p_address": p2p_address,
             "p2p_connections": p2p_connections,
         }
+        if name is not None:
+            self.hello["name"] = name
         self.send(self.hello)
         reply = self.recv()
         if reply["type"] == "welcome":

@@ -2,9 +2,8 @@
 
 * :class:`Lines` - the lines of a pipe, read by a thread, waited for with a
   deadline;
-* :class:`Child` - a process started in a scratch directory (never the
-  repository root, whose ``pccl/`` source tree would shadow the installed
-  package) whose stdout lines are handed to :meth:`Child._on_line` by a
+* :class:`Child` - a process started in a scratch directory (what it
+  writes stays out of the checkout) whose stdout lines are handed to :meth:`Child._on_line` by a
   reader thread and whose stderr is kept for error messages; ``kill()``
   always reaps it;
 * :class:`JsonChild` - a child driven by JSON lines (the workers of
@@ -97,8 +96,9 @@ class Lines:
 
 
 def child_env(**defaults: str) -> dict[str, str]:
-    """This process's environment without ``PYTHONPATH`` (children use the
-    installed package, never a checkout), plus ``defaults`` where unset."""
+    """This process's environment without ``PYTHONPATH`` (children import
+    the installed pccl, the editable one of ``make install`` included, never
+    a path the parent happened to have), plus ``defaults`` where unset."""
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)
     for key, value in defaults.items():
