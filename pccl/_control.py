@@ -78,11 +78,12 @@ def _env_name() -> str | None:
     name = os.environ.get("PCCL_NAME")
     if not name:
         return None
-    error = protocol.OPTIONAL[protocol.TO_MASTER]["hello"]["name"](name)
+    error = protocol.SCHEMAS[protocol.TO_MASTER]["hello"]["name"](name)
     if error:
         log.warning("PCCL_NAME ignored: %s", error)
         return None
     return name
+
 
 class Waiter:
     """One expected message: filled once (by the loop thread, or with the

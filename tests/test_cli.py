@@ -67,15 +67,19 @@ def test_tables_show_the_peers_and_the_ring(live_run, tmp_path):
     result = pccl("status", run.master.status_address, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    ring = json.loads(pccl("status", run.master.status_address, "--json", cwd=tmp_path).stdout)[
-        "groups"
-    ][0]["ring"]
+    doc = json.loads(pccl("status", run.master.status_address, "--json", cwd=tmp_path).stdout)
+    names = {p["peer_id"]: p.get("name") for p in doc["peers"]}
+
+    def label(pid):  # how the table names a peer: "name (id)", or the bare id
+        return f"{names[pid]} ({pid})" if names.get(pid) else pid
+
+    ring = [label(pid) for pid in doc["groups"][0]["ring"]]
     for heading in ("groups (ring in send order)", "peers", "recent events", "collectives/s"):
         assert heading in out, out
     # The ring in send order, back to its first member.
     assert " -> ".join([*ring, ring[0]]) in out, out
     peer_rows = [ln for ln in out.splitlines() if "admitted" in ln and "127.0.0.1:" in ln]
-    assert sorted(ln.split()[0] for ln in peer_rows) == sorted(ids), out
+    assert sorted(ln.split()[0] for ln in peer_rows) == sorted(names.get(i) or i for i in ids), out
     assert "\x1b[" not in out  # no colour codes into a pipe
 
 

@@ -485,7 +485,7 @@ class MasterServer:
             p2p_connections=hello["p2p_connections"],
             welcome_mac=protocol.welcome_mac(self.secret, hello["nonce"], nonce_m),
             now=self.now(),
-            name=hello.get("name", ""),
+            name=hello.get("name"),
         )
         conn.peer_id = peer_id
         conn.name = hello.get("name")

@@ -46,7 +46,7 @@ class Peer:
     serial: int  # join order
     state: str = PENDING
     admitted_epoch: int | None = None
-    name: str = ""  # Communicator(name=...): logs, status, peers()
+    name: str | None = None  # Communicator(name=...): logs, status, peers()
 
     @property
     def label(self) -> str:
@@ -205,7 +205,7 @@ class MasterState:
             "peers": [
                 {
                     "peer_id": p.peer_id,
-                    "name": p.name,
+                    **({"name": p.name} if p.name else {}),
                     "state": p.state,
                     "group": p.group,
                     "address": p.remote,
@@ -250,7 +250,7 @@ class MasterState:
         p2p_connections: int,
         welcome_mac: bytes,
         now: float,
-        name: str = "",
+        name: str | None = None,
     ) -> tuple[str, Actions]:
         """A peer passed the handshake: welcome it as pending (admitted at
         once when the run has no admitted peer)."""
@@ -469,7 +469,7 @@ class MasterState:
         """Every admitted peer as peers() shows it (point-to-point)."""
         rank = self._ring_rank  # an index: ring.index() per peer made a vote O(n^2)
         return [
-            {"peer_id": p.peer_id, "num": p.serial, "name": p.name, "group": p.group,
+            {"peer_id": p.peer_id, "num": p.serial, "name": p.name or "", "group": p.group,
              "rank": rank.get(p.peer_id, 0), "address": p.p2p_address}
             for p in self.admitted()
         ]
