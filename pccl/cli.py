@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 import urllib.error
@@ -272,6 +273,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not args.watch:
         console.print(render(doc, url))
         return 0
+    # Ctrl-C is how --watch ends, also when the shell that started it made
+    # the job ignore SIGINT (a background job of a non-interactive shell,
+    # as in CI): Python then installs no handler of its own.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         if args.json:
             _watch_json(doc, url, args)
