@@ -42,7 +42,7 @@ if ! can_fuzz; then
 fi
 
 # The receive paths of broadcast, all-gather and reduce-scatter.
-COLL_SRCS="$SRC/src/net/conn.c $SRC/src/net/frame.c $SRC/src/coll/allreduce_ring.c
+COLL_SRCS="$SRC/src/net/conn.c $SRC/src/net/frame.c $SRC/src/coll/allreduce_ring.c $SRC/src/coll/stripe.c
     $SRC/src/coll/reducescatter_ring.c $SRC/src/coll/allgather_ring.c
     $SRC/src/coll/broadcast_ring.c $SRC/src/coll/kernels.c $SRC/src/coll/quant.c
     $SRC/src/platform/posix/socket.c $SRC/src/platform/posix/thread.c
@@ -54,7 +54,7 @@ build() {
     handshake_fuzz) set -- "$1" $SRC/src/net/handshake.c $SRC/src/net/frame.c \
                         $SRC/src/core/result.c -lcrypto ;;
     rx_fuzz) set -- "$1" $SRC/src/net/conn.c $SRC/src/net/frame.c \
-                 $SRC/src/coll/allreduce_ring.c $SRC/src/coll/kernels.c $SRC/src/coll/quant.c \
+                 $SRC/src/coll/allreduce_ring.c $SRC/src/coll/stripe.c $SRC/src/coll/kernels.c $SRC/src/coll/quant.c \
                  $SRC/src/platform/posix/socket.c $SRC/src/platform/posix/thread.c \
                  $SRC/src/core/result.c -lpthread ;;
     coll_fuzz) set -- "$1" $COLL_SRCS ;;
@@ -78,7 +78,7 @@ for h in $HARNESSES; do
         # Valid frame streams from an in-memory ring, so fuzzing starts deep.
         # shellcheck disable=SC2086
         $CC $CF -DRX_FUZZ_SEEDS -fsanitize=address,undefined "$SRC/fuzz/rx_fuzz.c" \
-            $SRC/src/net/conn.c $SRC/src/net/frame.c $SRC/src/coll/allreduce_ring.c \
+            $SRC/src/net/conn.c $SRC/src/net/frame.c $SRC/src/coll/allreduce_ring.c $SRC/src/coll/stripe.c \
             $SRC/src/coll/kernels.c $SRC/src/coll/quant.c $SRC/src/platform/posix/socket.c \
             $SRC/src/platform/posix/thread.c $SRC/src/core/result.c -lpthread -lm \
             -o "$OUT/rx_seeds"
