@@ -85,6 +85,15 @@ def _env_name() -> str | None:
     return name
 
 
+
+def _default_name() -> str:
+    """``host-pid``: what a peer is called when it names itself neither with
+    ``Communicator(name=...)`` nor with ``PCCL_NAME``."""
+    host = "".join(c for c in socket.gethostname() if c.isprintable() and not c.isspace())
+    suffix = f"-{os.getpid()}"
+    return (host or "peer")[: protocol.MAX_PEER_NAME - len(suffix)] + suffix
+
+
 class Waiter:
     """One expected message: filled once (by the loop thread, or with the
     link's error), awaited by one user thread."""
@@ -256,7 +265,7 @@ class MasterLink:
             "p2p_address": p2p_address,
             "p2p_connections": p2p_connections,
         }
-        name = name or _env_name()
+        name = name or _env_name() or _default_name()
         if name:
             hello["name"] = name
         protocol.validate(hello, protocol.TO_MASTER)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import urllib.request
 
@@ -110,3 +111,9 @@ def test_master_shows_the_name_in_logs_status_and_metrics(caplog):
             time.sleep(0.05)
         assert f"event=joined peer={pid} name=trainer-a" in caplog.text
         anon.sock.close()
+
+
+def test_default_name_is_host_pid():
+    name = _control._default_name()
+    assert name.endswith(f"-{os.getpid()}") and len(name) <= 64
+    assert protocol.SCHEMAS[protocol.TO_MASTER]["hello"]["name"](name) is None
