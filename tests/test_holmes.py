@@ -21,11 +21,11 @@ FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthChe
 
 def cluster(n_ib=4, n_roce=4, gpus=8, ib=200.0, roce=100.0, eth=25.0, tflops=200.0,
             roce_tflops=None, order="interleave", seed=0):
-    ibs = [holmes.Node(f"ib{i}", [holmes.NIC("ib", ib, f"198.18.0.{i + 1}:29500"),
-                                  holmes.NIC("ethernet", eth, f"198.19.0.{i + 1}:29500")],
+    ibs = [holmes.Node(f"ib{i}", [holmes.NIC("ib", ib, f"198.18.0.{i + 1}:5000"),
+                                  holmes.NIC("ethernet", eth, f"198.19.0.{i + 1}:5000")],
                        gpus=gpus, tflops=tflops) for i in range(n_ib)]
-    roces = [holmes.Node(f"roce{i}", [holmes.NIC("roce", roce, f"198.18.1.{i + 1}:29500"),
-                                      holmes.NIC("ethernet", eth, f"198.19.1.{i + 1}:29500")],
+    roces = [holmes.Node(f"roce{i}", [holmes.NIC("roce", roce, f"198.18.1.{i + 1}:5000"),
+                                      holmes.NIC("ethernet", eth, f"198.19.1.{i + 1}:5000")],
                          gpus=gpus, tflops=roce_tflops or tflops) for i in range(n_roce)]
     if order == "sorted":
         return ibs + roces
@@ -321,10 +321,10 @@ def test_paper_splits_under_our_model():
 def test_peer_groups_and_addresses():
     p = holmes.plan(cluster(), M75, pp=2)
     assert p.peer_group_for("ib2") == 0 and p.peer_group_for("roce1") == 1
-    assert p.address_for("ib2", "dp") == "198.18.0.3:29500"
-    assert p.address_for("ib2", 0) == "198.18.0.3:29500"
-    assert p.address_for("roce1", "dp") == "198.18.1.2:29500"
-    assert p.address_for("roce1", "pp") == "198.19.1.2:29500"
+    assert p.address_for("ib2", "dp") == "198.18.0.3:5000"
+    assert p.address_for("ib2", 0) == "198.18.0.3:5000"
+    assert p.address_for("roce1", "dp") == "198.18.1.2:5000"
+    assert p.address_for("roce1", "pp") == "198.19.1.2:5000"
     assert p.nic_for("ib0", "pp").kind == "ethernet"
     with pytest.raises(ValueError):
         p.peer_group_for("nope")

@@ -278,7 +278,7 @@ def test_page_renders_names_bandwidth_and_broken_rings(tmp_path, chromium):
     for i, e in enumerate(edges):
         e["bytes_per_s"] = 1.5e9 / (i + 1)
     doc = {
-        "listen": "127.0.0.1:48148", "epoch": 7, "world_size": 14, "auth": True,
+        "listen": "127.0.0.1:40001", "epoch": 7, "world_size": 14, "auth": True,
         "uptime_s": 3723.0, "open_ops": 2, "pending": ["p9"],
         "heartbeat": {"interval": 0.5, "timeout": 3.0},
         "rates": {"window_s": 5.0, "collectives_per_s": 123.4, "aborted_per_s": 0.0},
